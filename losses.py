@@ -1,0 +1,498 @@
+"""Distillation losses: OPSD divergence, DASD pull/push routing, GRPO, and a chunked path for large vocabularies.
+
+Papers:
+  OPSD  "Self-Distilled Reasoner: On-Policy Self-Distillation for LLMs"                       arXiv 2601.18734
+  DASD  "Tailoring Teaching to Aptitude: Direction-Adaptive Self-Distillation for LLM Reasoning" arXiv 2605.22263
+  GKD   "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"     arXiv 2306.13649
+  GRPO  "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models"   arXiv 2402.03300
+
+Dims: B sequences, G samples per prompt, T response tokens, V vocabulary, H hidden size, N valid tokens, C chunk.
+p_S = softmax(z_S / temp) is the student (gets gradients), p_T = softmax(z_T / temp) the teacher (a constant).
+
+Equations, per response position t (all sums over the vocabulary v):
+
+  Divergence (GKD's generalized JSD; beta picks the direction):
+    beta = 0 :  D = KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))     "forward KL", mode-covering
+    beta = 1 :  D = KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))     "reverse KL", mode-seeking
+    else     :  m = beta p_T + (1 - beta) p_S
+                D = beta KL(p_T || m) + (1 - beta) KL(p_S || m)                 (<= log 2 at beta = 0.5)
+  OPSD per-entry clip at tau (0.05 in the paper): every summand s_v is replaced by min(s_v, tau) before the sum.
+  OPSD loss:  L = sum_t mask_t D_t / sum_t mask_t                                 (token mean over the batch)
+
+  DASD router (per trajectory; H_t the student's entropy, detached):
+    tau_rho = threshold such that the top rho (= push_fraction) of the trajectory's tokens have H_t > tau_rho
+    s_H     = mean_t |H_t - mean(H)|                                              (mean absolute deviation)
+    w_t     = tanh((tau_rho - H_t) / s_H)    (soft)   or   sign(tau_rho - H_t)    (hard; +1 at the tie)
+  DASD KL form:
+    L_t = max(w_t, 0) * D_pull_t  -  push_weight * max(-w_t, 0) * min(D_push_t, push_margin)
+    D_pull = the OPSD divergence above, D_push = JSD (beta = 0.5, no clip), 0 <= D_push <= log 2
+  DASD token-advantage form (sampled token y_t):
+    d_t = log p_T(y_t) - log p_S(y_t), standardized within the trajectory
+    A_t = A_group + coef * w_t * sigmoid(|d_t| - 1) * d_t
+  GRPO:
+    A_i = (r_i - mean_group(r)) / (std_group(r) + eps),   L = - sum_t mask_t A_t log p_S(y_t) / sum_t mask_t
+
+Departures and choices where the papers are silent:
+  1. All softmax math runs in float32 (float64 stays float64) even for bf16 logits.
+  2. Vocabulary entries with p = 0 (logit -inf) contribute exactly 0 (0 log 0 = 0), guarded with torch.where.
+  3. The clip applies to the whole per-entry summand for every beta (the paper only clips forward KL).
+  4. Token mean over all valid tokens of the batch (not a mean of per-sequence means): every response token
+     counts the same, as in OPSD's and TRL's "batchmean" over unmasked labels. An all-masked batch gives 0.
+  5. DASD quantile: k = min(round(rho * n), n - 1) tokens of a trajectory with n valid tokens are pushed; tau_rho is the
+     midpoint between the k-th and (k+1)-th largest entropy (the largest one if k = 0, so nothing is pushed and
+     a one-token trajectory is plain OPSD). When the entropies of a trajectory are all equal (s_H = 0) the soft
+     gate falls back to the hard one, so there is no division by zero.
+  6. DASD push term: a bounded JSD capped at push_margin = 0.1 nats (about the JSD between a 50/50 and a 90/10
+     split over two candidate tokens: a clear change of preference at a fork, well short of abandoning the
+     teacher). Past the margin the push has zero gradient, so the student is never driven to arbitrary
+     distributions. FLOOR: the push part of each token is at most push_weight * push_margin, so with clip=None
+     (D_pull >= 0) the loss is >= -push_weight * push_margin however far the student moves. With the per-entry
+     clip, D_pull itself can dip below 0 (true of OPSD too), but only to -H(p_T) for beta = 0 (a constant of
+     the teacher, not of the student) and to -log V in general.
+  7. Token-advantage form: d_t in A_t is the standardized gap (the same d_t as in the filter), so the shaping term
+     has the scale of a GRPO advantage; std is the population std within the trajectory plus 1e-6.
+  8. GRPO std is the population std (a group of one gives advantage 0, not nan).
+  9. chunked_distill_loss computes each chunk's gradient during the forward pass (loss is a sum over tokens and
+     the router's gate is a constant), so the full (N, V) logits never exist, forward or backward, and no
+     matmul is recomputed for OPSD; DASD adds one no-grad pass for the entropies the router needs. Inside a
+     chunk the float32 softmax math runs math_rows rows at a time (it makes ~10 temporaries per row), while
+     the lm_head matmuls keep chunk_size rows (a wide matmul, and fewer passes over the (V, H) gradient).
+     The weight gradient is accumulated in the weight's dtype (bf16 rounding per chunk for a bf16 model).
+
+Run the demo:
+    python losses.py
+"""
+
+import math
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probabilities, entropy, per-position divergence
+
+
+def logprobs(logits, temperature=1.0):
+    """log softmax(logits / temperature) in float32 (float64 stays float64). (..., V) -> (..., V)"""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (..., V)
+    if temperature != 1.0:  # skip a (..., V) copy in the common case
+        z = z / temperature
+    return torch.log_softmax(z, dim=-1)  # (..., V)
+
+
+def entropy_from_logprobs(logp):
+    """Entropy in nats from log-probabilities; entries with p = 0 contribute 0. (..., V) -> (...)"""
+    p = logp.exp()  # (..., V)
+    # Double where: log p = -inf is replaced by 0 before the product, so neither value nor gradient sees 0 * -inf.
+    return -(p * torch.where(p > 0, logp, 0.0)).sum(-1)  # (...)
+
+
+def _p_log_ratio(p, logp, logq):
+    """Per-entry p * (log p - log q), exactly 0 where p == 0 (also when both logs are -inf)."""
+    # The where is on the difference, so a nan from (-inf) - (-inf) is never multiplied, and its gradient is 0.
+    return p * torch.where(p > 0, logp - logq, 0.0)  # (..., V)
+
+
+def divergence_from_logprobs(logp_s, logp_t, *, beta=0.0, clip=None):
+    """Generalized JSD per position, summed over V. beta=0: KL(p_T||p_S); beta=1: KL(p_S||p_T).
+
+    logp_s, logp_t: (..., V) log-probabilities. clip: per-entry cap on each summand (OPSD), None for no cap.
+    Returns (...). Gradients flow into whatever requires grad (callers pass a detached logp_t).
+    """
+    p_t = logp_t.exp()  # (..., V)
+    p_s = logp_s.exp() if beta != 0.0 else None  # (..., V) forward KL does not need it: one tensor less
+    if beta == 0.0:
+        terms = _p_log_ratio(p_t, logp_t, logp_s)  # forward KL(p_T || p_S): teacher-weighted, mode-covering
+    elif beta == 1.0:
+        terms = _p_log_ratio(p_s, logp_s, logp_t)  # reverse KL(p_S || p_T): student-weighted, mode-seeking
+    else:
+        # log m = log(beta p_T + (1-beta) p_S), computed in log space. Entries dead in both (p_S = p_T = 0) get
+        # log m = 0 instead of logaddexp(-inf, -inf), whose gradient is nan; they contribute 0 anyway.
+        dead = (p_s == 0) & (p_t == 0)  # (..., V)
+        logm = torch.logaddexp(torch.where(dead, 0.0, logp_s) + math.log(1.0 - beta),
+                               torch.where(dead, 0.0, logp_t) + math.log(beta))  # (..., V)
+        terms = beta * _p_log_ratio(p_t, logp_t, logm) + (1.0 - beta) * _p_log_ratio(p_s, logp_s, logm)  # (..., V)
+    if clip is not None:
+        terms = terms.clamp(max=clip)  # OPSD: no single vocabulary entry may contribute more than clip nats
+    return terms.sum(-1)  # (...)
+
+
+def divergence(student_logits, teacher_logits, *, beta=0.0, temperature=1.0, clip=None):
+    """Per-position divergence between softmax(student/temp) and softmax(teacher/temp), summed over V.
+
+    beta=0 is KL(p_T || p_S) (forward), beta=1 is KL(p_S || p_T) (reverse), in between the generalized JSD of GKD;
+    with clip=None it equals TRL's GKDTrainer.generalized_jsd_loss(reduction="none").sum(-1).
+    student_logits, teacher_logits: (..., V). Returns (...) in float32 (float64 for float64 input).
+    """
+    # The teacher is a target, not a model being trained: detach so no gradient reaches it (in OPSD the teacher
+    # can share weights with the student; without the detach the student would also be trained "as teacher").
+    logp_t = logprobs(teacher_logits.detach(), temperature)  # (..., V)
+    logp_s = logprobs(student_logits, temperature)  # (..., V)
+    if logp_s.dtype != logp_t.dtype:
+        dtype = torch.promote_types(logp_s.dtype, logp_t.dtype)
+        logp_s, logp_t = logp_s.to(dtype), logp_t.to(dtype)
+    return divergence_from_logprobs(logp_s, logp_t, beta=beta, clip=clip)  # (...)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reduction: a separate, named step
+
+
+def masked_token_mean(values, mask):
+    """Mean of values over positions where mask is true, pooled over the whole batch; 0 if nothing is valid.
+
+    values, mask: (B, T). Token mean (not mean of per-sequence means): each response token weighs the same, so a
+    long response gets more weight than a short one, as in OPSD and TRL's batchmean over unmasked tokens.
+    """
+    mask = mask.bool()
+    # where, not multiply: a nan/inf at a padded position must not leak into the sum (nan * 0 = nan).
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / mask.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OPSD
+
+
+def opsd_loss(student_logits, teacher_logits, mask, *, beta=0.0, clip=0.05, temperature=1.0):
+    """OPSD: token mean of the (clipped) divergence. Logits (B, T, V), mask (B, T). Returns (loss, metrics)."""
+    logp_s = logprobs(student_logits, temperature)  # (B, T, V)
+    logp_t = logprobs(teacher_logits.detach(), temperature).to(logp_s.dtype)  # (B, T, V); teacher is a constant
+    div = divergence_from_logprobs(logp_s, logp_t, beta=beta, clip=clip)  # (B, T) per-token loss
+    loss = masked_token_mean(div, mask)
+    metrics = _log_metrics(logp_s, logp_t, mask)
+    metrics["loss/div"] = loss.detach()
+    return loss, metrics
+
+
+@torch.no_grad()  # diagnostics only: never part of the gradient
+def _log_metrics(logp_s, logp_t, mask):
+    """Token means of the student's entropy and of the unclipped forward KL(p_T || p_S)."""
+    return {
+        "entropy/student": masked_token_mean(entropy_from_logprobs(logp_s), mask),
+        "kl/teacher_student": masked_token_mean(divergence_from_logprobs(logp_s, logp_t, beta=0.0), mask),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DASD: the router, the KL form, the token-advantage form
+
+
+@torch.no_grad()  # the router is a constant: gradients must not move tokens across the threshold
+def entropy_gate(entropy, mask, *, push_fraction=0.2, soft=True):
+    """Signed gate in [-1, 1]: > 0 pull toward the teacher, < 0 push away, 0 where mask is 0.
+
+    entropy, mask: (B, T). Per sequence, the top push_fraction (rounded) of its valid tokens by entropy are pushed.
+    soft: tanh((tau - H) / s) with s the mean absolute deviation of the sequence's entropies; else +-1.
+    """
+    assert 0.0 <= push_fraction < 1.0, "push_fraction is the share of tokens pushed, in [0, 1)"
+    mask = mask.bool()
+    ent = entropy.detach().to(torch.promote_types(entropy.dtype, torch.float32))  # (B, T)
+    n = mask.sum(-1)  # (B,) valid tokens per sequence
+    # Threshold: sort valid entropies descending (padding sorted last as -inf), take the midpoint between the
+    # k-th and (k+1)-th largest, k = round(rho * n). k = 0 gives the maximum itself: nothing is pushed.
+    ent_sorted = torch.where(mask, ent, torch.full_like(ent, -math.inf)).sort(dim=-1, descending=True).values
+    k = torch.floor(push_fraction * n.float() + 0.5).long()  # (B,) tokens to push, round(rho * n) ...
+    k = torch.minimum(k, (n - 1).clamp(min=0))  # ... but at most n - 1: the calmest token is always pulled
+    i_hi = (k - 1).clamp(min=0)
+    i_lo = k
+    tau = 0.5 * (ent_sorted.gather(-1, i_hi[:, None]) + ent_sorted.gather(-1, i_lo[:, None]))  # (B, 1)
+    tau = torch.where(n[:, None] > 0, tau, torch.zeros_like(tau))  # all-masked sequence: any finite value
+    hard = torch.where(ent <= tau, 1.0, -1.0)  # (B, T) sign(tau - H), +1 at the tie
+    if soft:
+        nf = n.clamp(min=1).float()[:, None]  # (B, 1)
+        mean = torch.where(mask, ent, 0.0).sum(-1, keepdim=True) / nf  # (B, 1)
+        s = torch.where(mask, (ent - mean).abs(), 0.0).sum(-1, keepdim=True) / nf  # (B, 1) mean abs deviation
+        # s = 0 (equal entropies, or one token): no scale to measure distance in, so fall back to the sign.
+        gate = torch.where(s > 0, torch.tanh((tau - ent) / s.clamp(min=1e-12)), hard)  # (B, T)
+    else:
+        gate = hard
+    return torch.where(mask, gate, torch.zeros_like(gate))  # (B, T)
+
+
+def dasd_token_loss(logp_s, logp_t, gate, *, beta=0.0, clip=0.05, push_weight=1.0, push_margin=0.1):
+    """Per-token DASD KL form. logp_s, logp_t: (..., V); gate: (...). Returns (loss_t, pull_t, push_t), each (...).
+
+    loss_t = max(gate, 0) * D_pull - push_weight * max(-gate, 0) * min(D_push, push_margin), push_t >= 0.
+    """
+    # Each token is either pulled (gate > 0) or pushed (gate < 0), so each divergence is computed only on the
+    # rows that use it (about 80% / 20% of them): same values and gradients, much less work over V.
+    pos, neg = gate > 0, gate < 0  # (...)
+    zero = torch.zeros(gate.shape, dtype=logp_s.dtype, device=logp_s.device)
+    d_pull = zero.masked_scatter(pos, divergence_from_logprobs(logp_s[pos], logp_t[pos], beta=beta, clip=clip))
+    # D_push = JSD(beta=0.5) in [0, log 2]: bounded, unlike KL, so pushing cannot run off to infinity.
+    d_push = zero.masked_scatter(neg, divergence_from_logprobs(logp_s[neg], logp_t[neg], beta=0.5))  # (...)
+    pull = gate.clamp(min=0) * d_pull  # (...)
+    # clamp(max=margin) is flat past the margin: zero gradient once the student is far enough from the teacher.
+    push = push_weight * (-gate).clamp(min=0) * d_push.clamp(max=push_margin)  # (...) in [0, push_weight*margin]
+    return pull - push, pull, push
+
+
+def dasd_loss(student_logits, teacher_logits, mask, *, push_fraction=0.2, soft=True, beta=0.0, clip=0.05,
+              push_weight=1.0, push_margin=0.1, temperature=1.0):
+    """DASD KL form: entropy-routed pull (OPSD divergence) / push (margin-capped JSD). Returns (loss, metrics).
+
+    student_logits, teacher_logits: (B, T, V), mask: (B, T). Floor: loss >= -push_weight * push_margin when
+    clip=None (see the module docstring for the clipped case).
+    """
+    logp_s = logprobs(student_logits, temperature)  # (B, T, V)
+    logp_t = logprobs(teacher_logits.detach(), temperature).to(logp_s.dtype)  # (B, T, V); teacher is a constant
+    ent = entropy_from_logprobs(logp_s.detach())  # (B, T); detached: the router is not trained
+    gate = entropy_gate(ent, mask, push_fraction=push_fraction, soft=soft)  # (B, T)
+    loss_t, pull_t, push_t = dasd_token_loss(logp_s, logp_t, gate.to(logp_s.dtype), beta=beta, clip=clip,
+                                             push_weight=push_weight, push_margin=push_margin)  # (B, T) each
+    loss = masked_token_mean(loss_t, mask)
+    metrics = _log_metrics(logp_s, logp_t, mask)
+    metrics.update(_gate_metrics(gate, pull_t, push_t, mask))
+    return loss, metrics
+
+
+@torch.no_grad()
+def _gate_metrics(gate, pull_t, push_t, mask):
+    m = mask.bool()
+    return {
+        "dasd/gate_mean": masked_token_mean(gate.float(), m),
+        "dasd/frac_pushed": masked_token_mean((gate < 0).float(), m),
+        "loss/pull": masked_token_mean(pull_t, m),  # loss = pull - push
+        "loss/push": masked_token_mean(push_t, m),
+    }
+
+
+@torch.no_grad()  # advantages are constants of the policy-gradient surrogate
+def dasd_token_advantages(logp_s, logp_t, entropy, mask, *, push_fraction=0.2, soft=True, coef=1.0,
+                          group_adv=None, eps=1e-6):
+    """DASD token-advantage form: A_t = A_group + coef * gate_t * sigmoid(|d_t| - 1) * d_t.
+
+    logp_s, logp_t: (B, T) log-probs of the sampled tokens under student and teacher; entropy, mask: (B, T);
+    group_adv: (B,) or (B, T) GRPO advantages, or None. d_t = logp_t - logp_s standardized per trajectory.
+    Returns (adv (B, T), 0 where masked; metrics).
+    """
+    m = mask.bool()
+    n = m.sum(-1, keepdim=True).clamp(min=1).float()  # (B, 1)
+    d = torch.where(m, (logp_t - logp_s).float(), 0.0)  # (B, T) teacher-student log-evidence gap
+    mean = d.sum(-1, keepdim=True) / n  # (B, 1)
+    std = (torch.where(m, (d - mean) ** 2, 0.0).sum(-1, keepdim=True) / n).sqrt()  # (B, 1) population std
+    d_std = (d - mean) / (std + eps)  # (B, T)
+    gate = entropy_gate(entropy, m, push_fraction=push_fraction, soft=soft)  # (B, T)
+    # Reliability: |d| well under one std is likely noise (sigmoid(-1) = 0.27); a large gap is trusted (-> 1).
+    w = gate * torch.sigmoid(d_std.abs() - 1.0)  # (B, T)
+    adv = coef * w * d_std  # (B, T) pull tokens: up if the teacher likes y_t more; push tokens: the reverse
+    if group_adv is not None:  # (B,) per sequence, or already (B, T)
+        group_adv = group_adv.float()
+        adv = adv + (group_adv[:, None] if group_adv.dim() == 1 else group_adv)
+    adv = torch.where(m, adv, torch.zeros_like(adv))
+    metrics = {
+        "dasd/gate_mean": masked_token_mean(gate, m),
+        "dasd/frac_pushed": masked_token_mean((gate < 0).float(), m),
+        "dasd/reliability_mean": masked_token_mean(torch.sigmoid(d_std.abs() - 1.0), m),
+        "dasd/gap_mean": masked_token_mean(d, m),
+        "adv/token_mean": masked_token_mean(adv, m),
+    }
+    return adv, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRPO baseline and the policy-gradient surrogate
+
+
+def grpo_advantages(rewards, group_size, *, eps=1e-6):
+    """Group-normalized advantages. rewards: (B,) with the G = group_size samples of a prompt contiguous. -> (B,)"""
+    r = rewards.float().view(-1, group_size)  # (B/G, G)
+    mean = r.mean(-1, keepdim=True)  # (B/G, 1)
+    std = r.std(-1, keepdim=True, correction=0)  # (B/G, 1) population std: 0 (not nan) for a group of one
+    return ((r - mean) / (std + eps)).view(-1)  # (B,)
+
+
+def sampled_logprobs(logits, tokens, *, temperature=1.0):
+    """log p(y_t) of the sampled tokens. logits (B, T, V), tokens (B, T) -> (B, T) float32."""
+    return logprobs(logits, temperature).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+def policy_gradient_token_loss(logp, advantages):
+    """Per-token on-policy surrogate -A_t * log p(y_t). logp (B, T); advantages (B, T) or (B,). -> (B, T)
+
+    Exactly on-policy (the tokens were sampled from the current weights, one update per batch), the importance
+    ratio pi/pi_old equals 1 with gradient grad log pi, so PPO's ratio and clip reduce to this plain REINFORCE.
+    """
+    adv = advantages.detach()  # constants: the gradient must flow only through log p
+    if adv.dim() == 1:
+        adv = adv[:, None]  # (B, 1) sequence-level advantage applies to every token
+    return -adv * logp  # (B, T)
+
+
+def policy_gradient_loss(logp, advantages, mask):
+    """Token mean of the policy-gradient surrogate. Returns (loss, metrics)."""
+    loss = masked_token_mean(policy_gradient_token_loss(logp, advantages), mask)
+    adv = advantages.detach().float()
+    adv = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv
+    metrics = {"loss/pg": loss.detach(), "adv/mean": masked_token_mean(adv, mask),
+               "logp/mean": masked_token_mean(logp.detach(), mask)}
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked path: same loss and gradients as opsd_loss / dasd_loss on  h @ W.T,  at most C x V logits at a time
+
+
+class _AttachGrad(torch.autograd.Function):
+    """Returns a precomputed loss value and, on backward, the precomputed gradients of its inputs.
+
+    A class only because torch.autograd.Function requires one. Supports one backward pass (grads scaled in place).
+    """
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, grad_hidden, grad_weight):
+        ctx.grads = (grad_hidden, grad_weight)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads  # drop our reference so autograd can take the (V, H) buffer as .grad without a copy
+        # In place: scaling by grad_out (1 for loss.backward()) must not allocate a second (V, H) buffer.
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_out)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_out)
+        return None, grad_hidden, grad_weight, None, None
+
+
+def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden, teacher_lm_head_weight, mask, *,
+                         method="opsd", chunk_size=128, math_rows=16, beta=0.0, clip=0.05, temperature=1.0,
+                         push_fraction=0.2, soft=True, push_weight=1.0, push_margin=0.1):
+    """opsd_loss / dasd_loss on logits = hidden @ W.T, never holding more than chunk_size x V logits.
+
+    student_hidden: (B, T, H) final hidden states (after the last norm) at the positions predicting the response
+    tokens; student_lm_head_weight: (V, H); teacher_hidden: (B, T, H_t); teacher_lm_head_weight: (V, H_t);
+    mask: (B, T). Gradients reach student_hidden and student_lm_head_weight; the teacher side is a constant.
+    chunk_size: token rows per lm_head matmul (C x V logits in the model dtype); math_rows: rows of float32
+    softmax math at a time inside a chunk (its temporaries, ~10 x math_rows x V floats, are the bulk of memory).
+    Returns (loss, metrics) with the same keys as the plain functions. One backward pass per call.
+    """
+    assert method in ("opsd", "dasd")
+    B, T, H = student_hidden.shape
+    W_s, W_t = student_lm_head_weight, teacher_lm_head_weight.detach()  # teacher is a constant
+    valid = mask.bool().reshape(-1)  # (B*T,)
+    idx = valid.nonzero().squeeze(1)  # (N,) padding rows are skipped entirely: they add nothing to loss or grad
+    # detached: we compute the gradient ourselves; cast to the weight's dtype so the matmuls run in one dtype
+    h_s = student_hidden.detach().reshape(B * T, H)[idx].to(W_s.dtype)  # (N, H)
+    h_t = teacher_hidden.detach().reshape(B * T, -1)[idx].to(W_t.dtype)  # (N, H_t)
+    N = idx.numel()
+    inv_n = 1.0 / max(N, 1)  # token mean: d(loss)/d(token loss) = 1/N, known before any chunk is seen
+    chunks = [(i, min(i + chunk_size, N)) for i in range(0, N, chunk_size)]
+    fdtype = torch.promote_types(h_s.dtype, torch.float32)  # dtype of the softmax math
+
+    if method == "dasd":  # the router needs every entropy of a sequence first: one no-grad pass
+        ent = torch.zeros(B * T, dtype=fdtype, device=h_s.device)  # (B*T,)
+        with torch.no_grad():
+            for c0, c1 in chunks:
+                z_s = h_s[c0:c1] @ W_s.T  # (C, V)
+                for r0 in range(c0, c1, math_rows):
+                    r1 = min(r0 + math_rows, c1)
+                    ent[idx[r0:r1]] = entropy_from_logprobs(logprobs(z_s[r0 - c0:r1 - c0], temperature))  # (R,)
+        gate = entropy_gate(ent.view(B, T), mask, push_fraction=push_fraction, soft=soft).reshape(-1)[idx]  # (N,)
+
+    need_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or W_s.requires_grad)
+    grad_h = torch.zeros_like(h_s) if need_grad and student_hidden.requires_grad else None  # (N, H)
+    grad_W = torch.zeros_like(W_s) if need_grad and W_s.requires_grad else None  # (V, H): the gradient itself
+    sums = {}  # metric name -> running sum over tokens
+
+    def add(name, values):
+        sums[name] = sums.get(name, 0.0) + values.detach().double().sum()
+
+    loss = torch.zeros((), dtype=torch.float64, device=h_s.device)
+    for c0, c1 in chunks:
+        with torch.no_grad():
+            z_t = h_t[c0:c1] @ W_t.T  # (C, V) teacher logits: no graph at all
+            z_s = h_s[c0:c1] @ W_s.T  # (C, V) student logits, model dtype
+        dz = torch.empty_like(z_s) if need_grad else None  # (C, V) d(loss)/d(logits), model dtype
+        for r0 in range(c0, c1, math_rows):
+            r1 = min(r0 + math_rows, c1)
+            rows = slice(r0 - c0, r1 - c0)  # rows of this chunk
+            logp_t = logprobs(z_t[rows], temperature).to(fdtype)  # (R, V) a constant
+            with torch.enable_grad():
+                # A fresh leaf: autograd only sees these rows' softmax math, which gives d(loss)/d(logits).
+                z = z_s[rows].detach().requires_grad_(need_grad)  # (R, V)
+                logp_s = logprobs(z, temperature).to(fdtype)  # (R, V)
+                if method == "opsd":
+                    loss_t = divergence_from_logprobs(logp_s, logp_t, beta=beta, clip=clip)  # (R,)
+                else:
+                    g = gate[r0:r1].to(fdtype)  # (R,)
+                    loss_t, pull_t, push_t = dasd_token_loss(logp_s, logp_t, g, beta=beta, clip=clip,
+                                                             push_weight=push_weight, push_margin=push_margin)
+                    add("loss/pull", pull_t)
+                    add("loss/push", push_t)
+                    add("dasd/gate_mean", g)
+                    add("dasd/frac_pushed", (g < 0).float())
+                rows_loss = loss_t.sum() * inv_n
+                if need_grad:
+                    dz[rows] = torch.autograd.grad(rows_loss, z)[0]  # (R, V) cast to the model dtype on copy
+            loss += rows_loss.detach()
+            with torch.no_grad():  # diagnostics, as in the plain path
+                logp_s = logp_s.detach()
+                add("entropy/student", entropy_from_logprobs(logp_s))
+                add("kl/teacher_student", divergence_from_logprobs(logp_s, logp_t, beta=0.0))
+            del z, logp_s, logp_t  # free these rows' float32 tensors before the next ones
+        if need_grad:
+            with torch.no_grad():
+                if grad_h is not None:
+                    grad_h[c0:c1] = dz @ W_s  # (C, H)   since z = h W^T:  dL/dh = dL/dz W
+                if grad_W is not None:
+                    grad_W.addmm_(dz.T, h_s[c0:c1])  # (V, H)  dL/dW += dL/dz^T h, accumulated in W's dtype
+        del z_s, z_t, dz
+
+    grad_hidden = None
+    if grad_h is not None:
+        grad_hidden = torch.zeros_like(student_hidden).reshape(B * T, H)  # (B*T, H), 0 at padding
+        grad_hidden[idx] = grad_h.to(grad_hidden.dtype)
+        grad_hidden = grad_hidden.view(B, T, H)
+    loss = loss.to(fdtype)
+    if need_grad:
+        loss = _AttachGrad.apply(loss, student_hidden, W_s, grad_hidden, grad_W)
+    metrics = {k: (v * inv_n).float() for k, v in sums.items()}
+    if method == "opsd":
+        metrics["loss/div"] = loss.detach()
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    p_t, p_s = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    z_t, z_s = p_t.log(), p_s.log()
+    print("3-token vocabulary: p_T =", p_t.tolist(), " p_S =", p_s.tolist())
+    for beta in (0.0, 0.5, 1.0):
+        print(f"  beta={beta}: D = {divergence(z_s, z_t, beta=beta).item():.5f}")
+    print(f"  forward KL with per-entry clip 0.05: {divergence(z_s, z_t, clip=0.05).item():.5f}"
+          f"  (unclipped summands {(p_t * (p_t / p_s).log()).tolist()})")
+
+    B, T, V = 2, 8, 11
+    zs = torch.randn(B, T, V) * torch.linspace(0.2, 3.0, T)[:, None]  # later tokens sharper: a range of entropies
+    zt = zs + torch.randn(B, T, V)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 6:] = False  # second sequence is shorter
+    ent = entropy_from_logprobs(logprobs(zs))
+    print("\nstudent entropy (B, T):\n", ent.round(decimals=3))
+    print("soft gate (negative = push):\n", entropy_gate(ent, mask).round(decimals=3))
+    print("hard gate:\n", entropy_gate(ent, mask, soft=False))
+    loss, m = opsd_loss(zs, zt, mask)
+    print(f"\nOPSD loss {loss.item():.4f}", {k: round(v.item(), 4) for k, v in m.items()})
+    loss, m = dasd_loss(zs, zt, mask)
+    print(f"DASD loss {loss.item():.4f}", {k: round(v.item(), 4) for k, v in m.items()})
+
+    Hd = 6
+    h_s, h_t = torch.randn(B, T, Hd, requires_grad=True), torch.randn(B, T, Hd)
+    W_s, W_t = torch.randn(V, Hd, requires_grad=True), torch.randn(V, Hd)
+    plain, _ = dasd_loss(h_s @ W_s.T, h_t @ W_t.T, mask)
+    g_plain = torch.autograd.grad(plain, (h_s, W_s))
+    chunk, _ = chunked_distill_loss(h_s, W_s, h_t, W_t, mask, method="dasd", chunk_size=3)
+    g_chunk = torch.autograd.grad(chunk, (h_s, W_s))
+    print(f"\nchunked vs plain DASD: loss {chunk.item():.6f} vs {plain.item():.6f}, max grad diff "
+          f"{max((a - b).abs().max().item() for a, b in zip(g_plain, g_chunk)):.2e}")
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    print("\nGRPO advantages, G=3:", grpo_advantages(rewards, 3).round(decimals=3).tolist())
+    y = zs.argmax(-1)
+    adv, m = dasd_token_advantages(sampled_logprobs(zs, y), sampled_logprobs(zt, y), ent, mask,
+                                   group_adv=torch.tensor([0.5, -0.5]))
+    print("DASD token advantages (B, T):\n", adv.round(decimals=3))

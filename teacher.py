@@ -1,0 +1,285 @@
+"""The privileged self-teacher: the same network as the student, shown (part of) the reference solution.
+
+Papers: "Self-Distilled Reasoner: On-Policy Self-Distillation for LLMs" (arXiv 2601.18734) and
+"Adaptive Teacher Exposure for Self-Distillation in LLM Reasoning" (arXiv 2605.11458).
+
+What this file computes, per problem x with reference solution y* = (s_1..s_m) (m steps) and answer a:
+
+    student prompt   = chat(x + "reason step by step, answer in \\boxed{}")
+    c(alpha)         = s_1 .. s_k  +  "Answer: \\boxed{a}",      k = ceil(alpha * m)
+    teacher prompt   = chat(x + "here is a reference solution" + c(alpha) + "now solve it yourself")
+
+    teacher scoring of the student's own response y = (y_1..y_T), teacher-forced:
+        logits_T[t] = f_theta_T([teacher prompt | y_<t])      t = 1..T   (the row that predicts y_t)
+    the same function gives the student's logits with the student prompt (and with grad).
+
+    teacher weights theta_T:  frozen = theta_0 (default),  live = theta,
+                              ema:  theta_T <- decay * theta_T + (1 - decay) * theta
+
+    answer guard (ATESD reward):  g = (1/|a'|) * sum_j log p_T(a'_j | teacher prompt, "The final
+                                   answer is \\boxed{", a'_<j),   a' = tokens of "a}"
+
+Departures / choices where the papers are silent:
+ 1. A step is a line of the solution, or a blank-line-separated paragraph when the solution has
+    blank lines; a final bare answer line ("Answer: \\boxed{7}", "\\boxed{7}") is not a step, since
+    the answer is always shown anyway. k = ceil(alpha * m - 1e-9), so float noise such as
+    0.3 * 10 = 3.0000000000000004 does not reveal an extra step.
+ 2. The teacher prompt is one user turn: problem, reference (header says whether it is complete,
+    partial, or the answer only), then a transition instruction. Wording is ours.
+ 3. enable_thinking is passed to the chat template only when it is not None, separately for the
+    student and the teacher (a non-thinking student with a thinking teacher is what OPSD reports).
+ 4. Batching: every sequence is its own [prompt | response]; prompts are LEFT-padded to a common
+    length P so every response starts at column P, responses are right-padded to T. Explicit
+    position_ids = cumsum(mask) - 1 make each row's positions identical to an unpadded forward.
+    Only the T needed logit rows are computed (logits_to_keep = columns P-1 .. P+T-2).
+ 5. answer_logprob scores "a}" after a fixed lead-in "The final answer is \\boxed{" at the start
+    of the teacher's turn. When the prompt already shows the answer (the paper's teacher context),
+    g measures how confidently the exposed context supports copying the answer; with
+    show_answer=False in teacher_prompt_ids the answer is withheld and g measures how far the
+    revealed steps alone lead to it. Both are offered; the caller chooses. Measured on the embedded
+    model, 16 test problems (`python teacher.py --answer_probe`), with the answer shown g is flat
+    in alpha (mean -0.84 / -0.86 / -0.83 at alpha 0 / 0.5 / 1): a copy signal, so a weak guard;
+    withheld, it rises with exposure (mean -2.23 at alpha 0, -1.73 at alpha 1, 8 problems).
+ 6. EMA also copies buffers (e.g. rotary inv_freq) from the student; parameters are matched by name.
+
+Example:
+    python teacher.py        # prints prompts at several exposures and a teacher-scoring demo
+"""
+
+import copy
+import math
+import re
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# exposure: which part of the reference the teacher sees
+# ---------------------------------------------------------------------------------------------
+
+# a segment that only states the final answer, e.g. "Answer: \boxed{7}" or "The answer is $\boxed{7}$."
+ANSWER_LINE = re.compile(r"^\W*((final\s+)?answer|the\s+(final\s+)?answer\s+is|so\s+the\s+answer\s+is)?\W*"
+                         r"\$*\\boxed\{.*\}\$*\W*$", re.IGNORECASE | re.DOTALL)
+
+
+def split_steps(solution):
+    """The reasoning steps of a solution: blank-line paragraphs if there are any, else lines.
+    Empty segments and a trailing bare answer line are dropped."""
+    text = solution.strip()
+    parts = re.split(r"\n\s*\n", text) if re.search(r"\n\s*\n", text) else text.split("\n")
+    steps = [p.strip() for p in parts if p.strip()]
+    if steps and ANSWER_LINE.match(steps[-1]):
+        steps = steps[:-1]
+    return steps
+
+
+def reveal(solution, answer, alpha, *, show_answer=True):
+    """The first ceil(alpha * m) of the m steps, then the final answer (always, unless show_answer=False).
+    alpha=0: the answer alone (a hint); alpha=1: the whole solution."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    steps = split_steps(solution)
+    k = math.ceil(alpha * len(steps) - 1e-9)  # the epsilon absorbs float noise (see choice 1)
+    shown = steps[:k]
+    if show_answer and not (shown and "\\boxed{" in shown[-1]):  # don't repeat an answer already shown
+        shown = shown + [f"Answer: \\boxed{{{answer}}}"]
+    return "\n".join(shown)
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts (plain message lists, then token ids through the chat template)
+# ---------------------------------------------------------------------------------------------
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+TRANSITION = ("Now that you have seen the reference, solve the problem yourself, in your own words. "
+              + INSTRUCTION)
+
+
+def student_messages(problem):
+    """The student sees the problem only."""
+    return [{"role": "user", "content": f"{problem}\n\n{INSTRUCTION}"}]
+
+
+def teacher_messages(problem, solution, answer, *, alpha=1.0, show_answer=True):
+    """The teacher sees the problem, the exposed part of the reference (and the answer), then a transition."""
+    steps = split_steps(solution)
+    k = math.ceil(alpha * len(steps) - 1e-9)
+    context = reveal(solution, answer, alpha, show_answer=show_answer)
+    if k >= len(steps) and steps:
+        header = "Here is a reference solution to this problem:"
+    elif k > 0:
+        header = ("Here is the beginning of a reference solution to this problem"
+                  + (", followed by its final answer:" if show_answer else ":"))
+    else:
+        header = "Here is the final answer to this problem:" if show_answer else "No reference is given."
+    return [{"role": "user", "content": f"{problem}\n\n{header}\n{context}\n\n{TRANSITION}".replace("\n\n\n", "\n\n")}]
+
+
+def chat_ids(tokenizer, messages, *, enable_thinking=None):
+    """Token ids of messages + the assistant generation prompt, straight from the chat template
+    (never decode-and-retokenize: that can drop or merge the template's special tokens)."""
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=False, **kwargs)
+    return list(ids)
+
+
+def student_prompt_ids(tokenizer, problem, *, enable_thinking=None):
+    return chat_ids(tokenizer, student_messages(problem), enable_thinking=enable_thinking)
+
+
+def teacher_prompt_ids(tokenizer, problem, solution, answer, *, alpha=1.0, enable_thinking=None, show_answer=True):
+    messages = teacher_messages(problem, solution, answer, alpha=alpha, show_answer=show_answer)
+    return chat_ids(tokenizer, messages, enable_thinking=enable_thinking)
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring a response: the logits (or hidden states) at exactly the rows that predict it
+# ---------------------------------------------------------------------------------------------
+
+
+def response_forward(model, prompt_ids, response_ids, *, hidden=False, pad_id=0):
+    """Forward B sequences [prompt_b | response_b]; return (out, mask).
+
+    out:  (B, T, V) logits, or with hidden=True the (B, T, H) final hidden states (after the final
+          norm, so out @ lm_head.weight.T == logits), where row t predicts response token t.
+    mask: (B, T) bool, True at real response tokens.
+    Grad flows if enabled; `model` may be wrapped (DistributedDataParallel): we only call model(...).
+    """
+    B = len(prompt_ids)
+    P = max(len(p) for p in prompt_ids)
+    T = max(len(r) for r in response_ids)
+    assert min(len(p) for p in prompt_ids) > 0, "every prompt needs at least one token to predict the response from"
+    device = next(model.parameters()).device
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)  # (B, P+T)
+    attn = torch.zeros((B, P + T), dtype=torch.long)  # (B, P+T)
+    for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        # left-pad the prompt so the response starts at column P; right-pad the response
+        input_ids[b, P - len(p) : P] = torch.as_tensor(p, dtype=torch.long)
+        input_ids[b, P : P + len(r)] = torch.as_tensor(r, dtype=torch.long)
+        attn[b, P - len(p) : P + len(r)] = 1
+    # positions count real tokens only, so a left-padded row sees the same positions (0, 1, ...) as
+    # the unpadded sequence would; pads get position 0 (they are masked out anyway)
+    position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+T)
+    mask = torch.arange(T)[None, :] < torch.tensor([len(r) for r in response_ids])[:, None]  # (B, T)
+    # the logit at column j predicts the token at column j+1: response token t sits at P+t
+    keep = torch.arange(P - 1, P - 1 + T, device=device)  # (T,)
+    kwargs = dict(input_ids=input_ids.to(device), attention_mask=attn.to(device),
+                  position_ids=position_ids.to(device), use_cache=False)
+    if hidden:
+        # ask for no logits at all (an empty index) and take the last hidden state, which this
+        # transformers version returns after the final norm (tested against the logits)
+        out = model(**kwargs, output_hidden_states=True, logits_to_keep=keep[:0])
+        return out.hidden_states[-1][:, keep, :], mask.to(device)  # (B, T, H)
+    out = model(**kwargs, logits_to_keep=keep)
+    return out.logits, mask.to(device)  # (B, T, V)
+
+
+def teacher_logits(teacher_model, prompt_ids, response_ids, *, hidden=False, pad_id=0):
+    """The teacher's scores of the student's response. no_grad: the teacher is a fixed target of the
+    distillation loss; gradients must reach the student only, and not storing the teacher's
+    activations halves the memory of a step (in live mode the teacher IS the student, and without
+    no_grad the loss would also pull the target toward the student)."""
+    with torch.no_grad():
+        return response_forward(teacher_model, prompt_ids, response_ids, hidden=hidden, pad_id=pad_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher weights: frozen / live / EMA
+# ---------------------------------------------------------------------------------------------
+
+
+def unwrap(model):
+    """The module inside DistributedDataParallel (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def make_teacher(student, mode="frozen"):
+    """frozen: a copy of the initial student, never updated (default);
+    live: the student itself (no copy, same weights at every step);
+    ema: a copy that ema_update() moves toward the student after each optimizer step."""
+    if mode == "live":
+        return student
+    if mode not in ("frozen", "ema"):
+        raise ValueError(f"teacher mode must be frozen, live or ema, got {mode!r}")
+    teacher = copy.deepcopy(unwrap(student))  # deepcopy keeps tied embeddings tied
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@torch.no_grad()  # an in-place update of the target; it must not enter any autograd graph
+def ema_update(teacher, student, decay):
+    """theta_T <- decay * theta_T + (1 - decay) * theta_S, parameter by parameter (buffers copied)."""
+    student = unwrap(student)
+    params_s = dict(student.named_parameters())
+    for name, p_t in teacher.named_parameters():
+        p_t.mul_(decay).add_(params_s[name].detach().to(p_t.dtype), alpha=1.0 - decay)
+    buffers_s = dict(student.named_buffers())
+    for name, b_t in teacher.named_buffers():
+        b_t.copy_(buffers_s[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# answer guard for the exposure controller
+# ---------------------------------------------------------------------------------------------
+
+ANSWER_LEAD = "The final answer is \\boxed{"
+
+
+def answer_logprob(model, tokenizer, teacher_prompt_ids, answers, *, lead=ANSWER_LEAD):
+    """(B,) mean per-token log-probability of "answer}" after teacher prompt + `lead` (see choice 5).
+    The lead and the scored part are tokenized separately, so the scored tokens are exactly the
+    answer's and the closing brace's, whatever the tokenizer would merge across the boundary."""
+    lead_ids = tokenizer(lead, add_special_tokens=False)["input_ids"]
+    prompts = [list(p) + lead_ids for p in teacher_prompt_ids]
+    targets = [tokenizer(f"{a}}}", add_special_tokens=False)["input_ids"] for a in answers]
+    logits, mask = teacher_logits(model, prompts, targets)  # (B, T, V), (B, T)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    T = logits.shape[1]
+    y = torch.tensor([t + [0] * (T - len(t)) for t in targets], device=logits.device)  # (B, T)
+    logp_y = logp.gather(-1, y[..., None]).squeeze(-1)  # (B, T)
+    m = mask.float()
+    return (logp_y * m).sum(1) / m.sum(1).clamp(min=1)  # (B,)
+
+
+def answer_probe(n=24, alphas=(0.0, 0.5, 1.0)):
+    """Mean answer log-probability g of the embedded model over n embedded test problems, per alpha,
+    with the answer shown in the teacher prompt and withheld (choice 5)."""
+    import data
+    import model as model_lib
+
+    net, tok = model_lib.load(dtype=torch.float32)
+    rows = data.embedded_split("test")[:n]
+    for show in (True, False):
+        for alpha in alphas:
+            prompts = [teacher_prompt_ids(tok, r["problem"], r["solution"], r["answer"], alpha=alpha,
+                                          show_answer=show) for r in rows]
+            g = answer_logprob(net, tok, prompts, [r["answer"] for r in rows])
+            print(f"show_answer={show!s:5} alpha={alpha:.2f}: mean g = {g.mean():.3f}  (min {g.min():.3f}, max {g.max():.3f})")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if "--answer_probe" in sys.argv:  # python teacher.py --answer_probe: g on the embedded model
+        answer_probe()
+        sys.exit(0)
+
+    solution = "Mia gets 7 more apples: 12 + 7 = 19.\nMia has 5 fewer apples: 19 - 5 = 14.\nAnswer: \\boxed{14}"
+    print("steps:", split_steps(solution))
+    for alpha in (0.0, 0.5, 1.0):
+        print(f"\nreveal(alpha={alpha}):\n{reveal(solution, '14', alpha)}")
+    print("\nteacher message at alpha=0.5:\n" + teacher_messages("Mia has 12 apples...", solution, "14", alpha=0.5)[0]["content"])
+
+    # a tiny random model: batched teacher scoring equals the unpadded forward row by row
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    net = LlamaForCausalLM(cfg).eval()
+    prompts, responses = [[5, 6, 7, 8, 9], [10, 11]], [[20, 21, 22], [30]]
+    logits, mask = teacher_logits(net, prompts, responses)
+    print("\nlogits", tuple(logits.shape), "mask", mask.tolist())
+    with torch.no_grad():
+        ref = net(torch.tensor([prompts[1] + responses[1]])).logits[0, len(prompts[1]) - 1]
+    print("row 1, t=0: batched vs unpadded max |diff| =", (logits[1, 0] - ref).abs().max().item())

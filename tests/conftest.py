@@ -1,0 +1,33 @@
+"""Shared fixtures: the repository root on sys.path, the embedded model folder, a tiny in-memory Llama."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def embedded_dir():
+    """The embedded SmolLM2-135M-Instruct as a safetensors folder (converted once, then cached)."""
+    import model
+
+    return model.embedded_model_dir()
+
+
+@pytest.fixture
+def tiny_llama():
+    """A tiny random Llama (vocab 64, 2 layers, hidden 32) in float32, built in memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).float().eval()

@@ -1,0 +1,235 @@
+"""Tests for data.py: the embedded generator (determinism, disjoint splits, correct arithmetic) and the loader."""
+
+import json
+import re
+
+import pytest
+
+import data
+
+KEYS = {"id", "problem", "solution", "answer", "level"}
+
+
+# ------------------------------------------------------------------ embedded generator
+
+
+def test_generator_is_deterministic_in_its_seed():
+    a = data.generate_problems(60, seed=7, levels=(1, 2, 3, 4))
+    b = data.generate_problems(60, seed=7, levels=(1, 2, 3, 4))
+    c = data.generate_problems(60, seed=8, levels=(1, 2, 3, 4))
+    assert a == b
+    assert [r["problem"] for r in a] != [r["problem"] for r in c]
+    assert [r["level"] for r in a] == [1, 2, 3, 4] * 15
+
+
+def check_line(line):
+    """Recompute 'x op y = z' on a solution line with Python integers."""
+    m = re.search(r"(\d+) ([-+*/]) (\d+) = (\d+)\.$", line)
+    assert m, line
+    x, op, y, z = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+    value = {"+": x + y, "-": x - y, "*": x * y, "/": x // y}[op]
+    assert op != "/" or x % y == 0, line
+    assert value == z, line
+    return z
+
+
+def test_solutions_are_correct_one_step_per_line():
+    for row in data.generate_problems(200, seed=3, levels=(1, 2, 3, 4)):
+        assert set(row) == KEYS
+        lines = row["solution"].split("\n")
+        assert len(lines) == row["level"] + 1  # one line per computation, then the answer line
+        assert lines[-1] == f"Answer: \\boxed{{{row['answer']}}}"
+        results = [check_line(line) for line in lines[:-1]]
+        assert str(results[-1]) == row["answer"]
+        assert data.last_boxed(row["solution"]) == row["answer"]
+        # the chain of computations starts from a number in the problem and feeds each result forward
+        nums = [int(n) for n in re.findall(r"\d+", row["problem"])]
+        first = int(re.match(r".*?(\d+) [-+*/]", lines[0]).group(1))
+        assert first in nums
+        for prev, line in zip(results, lines[1:-1]):
+            assert line.split(": ", 1)[1].startswith(f"{prev} "), line
+        if "thinks of a number" not in row["problem"]:
+            assert nums[0] == first  # story problems: the start count comes first
+
+
+def normalized(row):
+    """The solution with names and objects blanked out: it determines the problem's signature."""
+    text = row["solution"]
+    for word in data.NAMES + data.ITEMS:
+        text = re.sub(rf"\b{re.escape(word)}\b", "_", text)
+    return text
+
+
+def test_embedded_splits_are_disjoint():
+    train = data.embedded_split("train")
+    test = data.embedded_split("test")
+    assert len(train) == data.EMBEDDED_SIZES["train"] and len(test) == data.EMBEDDED_SIZES["test"]
+    assert {r["level"] for r in test} == {1, 2, 3}
+    train_sigs = {normalized(r) for r in train}
+    test_sigs = {normalized(r) for r in test}
+    assert len(test_sigs) == len(test)  # no duplicates inside a split either
+    assert not train_sigs & test_sigs
+    assert not {r["problem"] for r in train} & {r["problem"] for r in test}
+    assert len({r["id"] for r in train + test}) == len(train) + len(test)
+    # the same split, asked again or asked for fewer rows, is the same prefix
+    assert data.embedded_split("test", 20) == test[:20]
+    with pytest.raises(ValueError):
+        data.embedded_split("validation")
+
+
+def test_a_level_runs_out_of_distinct_problems():
+    with pytest.raises(ValueError, match="distinct problems"):
+        data.generate_problems(5000, seed=0, levels=(1,), split="test", max_tries=200)
+
+
+def test_last_boxed():
+    assert data.last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+    assert data.last_boxed("no box") is None
+    assert data.last_boxed("\\boxed{3} then \\boxed{4") == "3"  # an unclosed box is skipped
+
+
+# ------------------------------------------------------------------ loader
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+ROWS = [{"problem": "What is 2 + 3?", "solution": "2 + 3 = 5\n\\boxed{5}", "answer": "5"},
+        {"problem": "What is 4 * 3?", "solution": "4 * 3 = 12\n\\boxed{12}", "answer": "12"}]
+
+
+def test_load_embedded_names():
+    assert data.load_dataset("embedded", limit=5) == data.embedded_split("train")[:5]
+    assert data.load_dataset("embedded:test") == data.embedded_split("test")
+    assert data.load_dataset("embedded", split="test", limit=3) == data.embedded_split("test")[:3]
+
+
+def test_load_jsonl_problem_solution_answer(tmp_path):
+    rows = data.load_dataset(write_jsonl(tmp_path / "d.jsonl", ROWS))
+    assert [r["problem"] for r in rows] == ["What is 2 + 3?", "What is 4 * 3?"]
+    assert [r["answer"] for r in rows] == ["5", "12"]
+    assert rows[0]["solution"] == "2 + 3 = 5\n\\boxed{5}" and set(rows[0]) == KEYS
+    assert rows[1]["id"].endswith("line 2")
+    assert len(data.load_dataset(str(tmp_path / "d.jsonl"), limit=1)) == 1
+
+
+def test_load_gsm8k_style(tmp_path):
+    rec = {"question": "Tom has 3 packs of 400 pens. How many?",
+           "answer": "3 packs of 400 is 3*400=<<3*400=1200>>1200 pens.\nSo he has 1,200.\n#### 1,200"}
+    (row,) = data.load_dataset(write_jsonl(tmp_path / "gsm.jsonl", [rec]))
+    assert row["problem"] == rec["question"]
+    assert row["answer"] == "1200"
+    assert row["solution"] == "3 packs of 400 is 3*400=1200 pens.\nSo he has 1,200.\nAnswer: \\boxed{1200}"
+
+
+def test_load_prompt_privileged_context_and_boxed_answer(tmp_path):
+    rec = {"prompt": "Solve x + 1 = 3.", "privileged_context": "x = 3 - 1\nso \\boxed{2}"}
+    (row,) = data.load_dataset(write_jsonl(tmp_path / "p.jsonl", [rec]))
+    assert (row["problem"], row["answer"], row["solution"]) == ("Solve x + 1 = 3.", "2", rec["privileged_context"])
+
+
+def test_load_field_flags(tmp_path):
+    rec = {"q": "What is 6 / 2?", "worked": "6 / 2 = 3", "final": 3, "answer": "ignored"}
+    (row,) = data.load_dataset(write_jsonl(tmp_path / "f.jsonl", [rec]), problem_field="q",
+                               solution_field="worked", answer_field="final")
+    assert (row["problem"], row["answer"]) == ("What is 6 / 2?", "3")
+    assert row["solution"] == "6 / 2 = 3\nAnswer: \\boxed{3}"  # a solution without a box gets one
+
+
+def test_load_json_list_and_split_object(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps(ROWS, indent=2))
+    assert [r["answer"] for r in data.load_dataset(str(p))] == ["5", "12"]
+    q = tmp_path / "s.json"
+    q.write_text(json.dumps({"train": ROWS[:1], "test": ROWS[1:]}))
+    assert [r["answer"] for r in data.load_dataset(str(q), split="test")] == ["12"]
+
+
+def test_load_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), p)
+    rows = data.load_dataset(str(p))
+    assert [(r["problem"], r["answer"]) for r in rows] == [(r["problem"], r["answer"]) for r in ROWS]
+
+
+def test_broken_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps(ROWS[0]) + "\n\n" + '{"problem": "x", "solution": \n')
+    with pytest.raises(data.DataError, match=r"bad\.jsonl, line 3: not valid JSON"):
+        data.load_dataset(str(p))
+
+
+def test_missing_field_names_file_line_and_field(tmp_path):
+    recs = [ROWS[0], {"problem": "no answer anywhere", "solution": "just words"}, {"text": "hi"}]
+    path = write_jsonl(tmp_path / "m.jsonl", recs)
+    with pytest.raises(data.DataError, match=r"m\.jsonl, line 2, field 'solution'.*no answer"):
+        data.load_dataset(path)
+    with pytest.raises(data.DataError, match=r"m\.jsonl, line 1, field 'nope': missing"):
+        data.load_dataset(path, answer_field="nope")
+    with pytest.raises(data.DataError, match=r"line 1, field 'problem': expected non-empty text"):
+        data.load_dataset(write_jsonl(tmp_path / "e.jsonl", [{"problem": " ", "answer": "1"}]))
+
+
+def test_skip_bad_rows_counts_them(tmp_path, capsys):
+    recs = [ROWS[0], {"problem": "no answer", "solution": "words"}, {"text": "hi"}, ROWS[1]]
+    rows = data.load_dataset(write_jsonl(tmp_path / "m.jsonl", recs), skip_bad_rows=True)
+    assert [r["answer"] for r in rows] == ["5", "12"]
+    assert "skipped 2 bad rows" in capsys.readouterr().out
+
+
+def test_broken_json_names_line(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('[\n  {"problem": "a", "answer": "1"},\n  {"problem": "b" "answer": "2"}\n]')
+    with pytest.raises(data.DataError, match=r"bad\.json, line 3: not valid JSON"):
+        data.load_dataset(str(p))
+    q = tmp_path / "rec.json"
+    q.write_text('[\n  {"problem": "a", "answer": "1"},\n\n  {"question": 5,\n   "answer": "2"}\n]')
+    with pytest.raises(data.DataError, match=r"rec\.json, line 4, field 'question'"):
+        data.load_dataset(str(q))
+    r = tmp_path / "obj.json"
+    r.write_text('{"rows": []}')
+    with pytest.raises(data.DataError, match="expected a list"):
+        data.load_dataset(str(r))
+
+
+def test_broken_parquet(tmp_path):
+    p = tmp_path / "bad.parquet"
+    p.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(data.DataError, match=r"bad\.parquet: cannot read as Parquet"):
+        data.load_dataset(str(p))
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    p = tmp_path / "empty.jsonl"
+    p.write_text("\n\n")
+    with pytest.raises(data.DataError, match="no usable rows"):
+        data.load_dataset(str(p))
+    only_bad = write_jsonl(tmp_path / "b.jsonl", [{"text": "x"}])
+    with pytest.raises(data.DataError, match=r"no usable rows \(1 bad rows skipped\)"):
+        data.load_dataset(only_bad, skip_bad_rows=True)
+
+
+def test_missing_file_and_unknown_type(tmp_path):
+    with pytest.raises(data.DataError, match="file not found"):
+        data.load_dataset(str(tmp_path / "nope.jsonl"))
+    p = tmp_path / "d.csv"
+    p.write_text("problem,answer\n")
+    with pytest.raises(data.DataError, match="unknown file type"):
+        data.load_dataset(str(p))
+
+
+def test_hub_name_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(data.DataError, match="Hugging Face hub"):
+        data.load_dataset("someone/no-such-dataset-for-opsd-tests")
+
+
+def test_answer_only_row_gets_a_boxed_solution(tmp_path):
+    (row,) = data.load_dataset(write_jsonl(tmp_path / "a.jsonl", [{"problem": "What is 1 + 1?", "answer": 2}]))
+    assert (row["answer"], row["solution"]) == ("2", "Answer: \\boxed{2}")

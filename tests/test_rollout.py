@@ -1,0 +1,297 @@
+"""rollout.py: sampling log-probs checked against brute force, seeds, stop/length, and the vLLM weight sync.
+
+The vLLM tests share one float32 engine on the embedded model (module-scoped fixture: ~30 s to
+start on CPU). They are marked `vllm` and run by default.
+"""
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import rollout
+
+
+# ----------------------------------------------------------------------------------------------
+# independent references
+
+
+def brute_force_logp(logits, token, temperature, top_k, top_p):
+    """log-prob of `token` under temperature/top-k/top-p, one row, with plain Python loops.
+
+    logits: (V,) float. Mirrors the definition in rollout.py's docstring, written differently:
+    top-k keeps every logit >= the k-th largest; top-p walks the tokens from most to least likely
+    and keeps them until the kept mass reaches top_p (the token that crosses it is kept too).
+    """
+    z = [float(x) / temperature for x in logits]
+    V = len(z)
+    keep = [True] * V
+    if 0 < top_k < V:
+        kth = sorted(z, reverse=True)[top_k - 1]
+        keep = [z[v] >= kth for v in range(V)]
+    if top_p < 1.0:
+        m = max(z[v] for v in range(V) if keep[v])
+        w = [math.exp(z[v] - m) if keep[v] else 0.0 for v in range(V)]
+        total = sum(w)
+        order = sorted(range(V), key=lambda v: -z[v])
+        kept, mass = set(), 0.0
+        for v in order:
+            if not keep[v]:
+                continue
+            kept.add(v)
+            mass += w[v] / total
+            if mass >= top_p - 1e-12:
+                break
+        keep = [v in kept for v in range(V)]
+    if not keep[token]:
+        return float("-inf")
+    m = max(z[v] for v in range(V) if keep[v])
+    lse = m + math.log(sum(math.exp(z[v] - m) for v in range(V) if keep[v]))
+    return z[token] - lse
+
+
+@torch.no_grad()
+def teacher_forced_logits(model, prompt, response):
+    """Logits predicting each response token, from one unpadded forward pass. Returns (T, V) float32."""
+    ids = torch.tensor([list(prompt) + list(response)])
+    logits = model(ids).logits[0].float()  # (L + T, V)
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(response)]  # (T, V)
+
+
+def check_structure(samples, n_prompts, n, max_new_tokens, stop_ids):
+    """Prompt-major order, types, and the stop/length rules (choice 1 of rollout.py)."""
+    assert [s.prompt_index for s in samples] == [i for i in range(n_prompts) for _ in range(n)]
+    for s in samples:
+        assert isinstance(s, rollout.Sample)
+        assert all(isinstance(t, int) for t in s.token_ids)
+        assert all(isinstance(x, float) and x <= 0 for x in s.logprobs)
+        assert len(s.logprobs) == len(s.token_ids) >= 1
+        assert s.finish_reason in ("stop", "length")
+        assert s.truncated == (s.finish_reason == "length")
+        stops_before_end = [t for t in s.token_ids[:-1] if t in stop_ids]
+        assert stops_before_end == []  # generation ends at the first stop token
+        if s.finish_reason == "stop":
+            assert s.token_ids[-1] in stop_ids  # the stop token is part of the response
+        else:
+            assert len(s.token_ids) == max_new_tokens and s.token_ids[-1] not in stop_ids
+
+
+# ----------------------------------------------------------------------------------------------
+# process_logits and the transformers backend on a tiny in-memory model
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.7, 5, 1.0), (1.3, -1, 0.8), (0.9, 10, 0.6)])
+def test_process_logits_matches_brute_force(temperature, top_k, top_p):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 40, generator=g) * 3  # (B, V)
+    logp = torch.log_softmax(rollout.process_logits(z, temperature, top_k, top_p), dim=-1)  # (B, V)
+    for b in range(3):
+        for v in range(40):
+            want = brute_force_logp(z[b].tolist(), v, temperature, top_k, top_p)
+            if want == float("-inf"):
+                assert logp[b, v] == float("-inf")
+            else:
+                assert abs(logp[b, v].item() - want) < 1e-5
+
+
+def tiny_tokenizer(stop_words=()):
+    """Just what HFRollout reads from a tokenizer: eos, pad, and a vocabulary of named tokens."""
+    return SimpleNamespace(eos_token_id=2, pad_token_id=0, get_vocab=lambda: dict(stop_words))
+
+
+PROMPTS = [[1, 5, 9, 11, 3], [1, 7], [1, 20, 21, 22, 23, 24, 25, 8]]  # different lengths: left padding
+
+
+def test_hf_sampling_logprobs_match_teacher_forced(tiny_llama):
+    engine = rollout.make_rollout("hf", model=tiny_llama, tokenizer=tiny_tokenizer())
+    samples = engine.generate(PROMPTS, n=2, max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    check_structure(samples, len(PROMPTS), 2, 12, engine.stop_ids)
+    for s in samples:
+        logits = teacher_forced_logits(tiny_llama, PROMPTS[s.prompt_index], s.token_ids)  # (T, V)
+        for t, tok in enumerate(s.token_ids):
+            want = brute_force_logp(logits[t].tolist(), tok, 0.8, 20, 0.9)
+            assert want > float("-inf")  # the sampled token was inside the top-k/top-p support
+            assert abs(s.logprobs[t] - want) < 1e-4, (t, s.logprobs[t], want)
+
+
+def test_hf_same_seed_same_samples_and_training_rng_untouched(tiny_llama):
+    engine = rollout.make_rollout("hf", model=tiny_llama, tokenizer=tiny_tokenizer())
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = engine.generate(PROMPTS, n=3, max_new_tokens=10, seed=7)
+    b = engine.generate(PROMPTS, n=3, max_new_tokens=10, seed=7)
+    c = engine.generate(PROMPTS, n=3, max_new_tokens=10, seed=8)
+    assert torch.equal(torch.get_rng_state(), state)  # sampling ran in a forked RNG
+    assert [s.token_ids for s in a] == [s.token_ids for s in b]
+    assert [s.logprobs for s in a] == [s.logprobs for s in b]
+    assert [s.token_ids for s in a] != [s.token_ids for s in c]
+    # seed=None: reproducible from the engine seed
+    d = rollout.make_rollout("hf", model=tiny_llama, tokenizer=tiny_tokenizer(), seed=4).generate(PROMPTS, n=2)
+    e = rollout.make_rollout("hf", model=tiny_llama, tokenizer=tiny_tokenizer(), seed=4).generate(PROMPTS, n=2)
+    assert [s.token_ids for s in d] == [s.token_ids for s in e]
+
+
+def test_hf_stop_and_truncation(tiny_llama):
+    # six stop tokens out of 64 make both endings common with the random tiny model
+    stops = {name: 10 + i for i, name in enumerate(rollout.END_OF_TURN_TOKENS)}
+    stops["<|not_a_stop|>"] = 20
+    engine = rollout.make_rollout("hf", model=tiny_llama, tokenizer=tiny_tokenizer(stops))
+    assert engine.stop_ids == [2, 10, 11, 12, 13, 14]  # EOS and the end-of-turn tokens, nothing else
+    samples = engine.generate(PROMPTS, n=6, max_new_tokens=8, seed=0)
+    check_structure(samples, len(PROMPTS), 6, 8, engine.stop_ids)
+    assert any(s.finish_reason == "stop" for s in samples)
+    assert any(s.truncated for s in samples)
+
+
+def test_hf_empty_prompt_list_does_no_work(tiny_llama):
+    engine = rollout.make_rollout("hf", model=tiny_llama, tokenizer=tiny_tokenizer())
+    tiny_llama.generate = lambda *a, **k: pytest.fail("generate called for an empty prompt list")
+    assert engine.generate([], n=4) == []
+
+
+def test_stop_token_ids_of_embedded_model(embedded_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    ids = rollout.stop_token_ids(tok, AutoConfig.from_pretrained(embedded_dir))
+    assert tok.convert_tokens_to_ids("<|im_end|>") in ids  # the chat template's end of turn
+    assert tok.eos_token_id in ids
+
+
+def test_make_rollout_rejects_unknown_backend(tiny_llama):
+    with pytest.raises(ValueError):
+        rollout.make_rollout("sglang", model=tiny_llama, tokenizer=tiny_tokenizer())
+
+
+# ----------------------------------------------------------------------------------------------
+# vLLM on the embedded model (float32 so that transformers and vLLM can agree to 1e-3)
+
+
+@pytest.fixture(scope="module")
+def policy(embedded_dir):
+    import model
+
+    m, tok = model.load(embedded_dir, dtype=torch.float32)
+    return m.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(policy, embedded_dir):
+    pytest.importorskip("vllm")
+    m, tok = policy
+    engine = rollout.make_rollout("vllm", model=m, model_path=embedded_dir, tokenizer=tok, dtype="float32",
+                                  max_model_len=512, kv_cache_gb=0.25, seed=0)
+    yield engine
+    engine.shutdown()  # also removes the 1-rank process group vLLM set up in this pytest process
+
+
+def chat(tok, text):
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                   return_dict=True)["input_ids"]
+
+
+@pytest.mark.vllm
+def test_vllm_weights_synced_match_transformers(policy, vllm_engine):
+    """The on-policy test: after one training step and sync_weights, vLLM scores tokens like transformers.
+
+    Tolerance 1e-3 nats per token: both sides run float32, but vLLM's CPU kernels (attention,
+    fused RMSNorm and SiLU) sum in a different order than PyTorch's eager ops, which leaves
+    differences of ~1e-5..1e-4 after 30 layers. A stale weight (such as the tied output layer
+    not being refreshed) moves log-probs by far more than that.
+    """
+    m, tok = policy
+    prompt = chat(tok, "What is 12 + 30?")
+    response = tok("12 + 30 = 42. The answer is \\boxed{42}.<|im_end|>", add_special_tokens=False)["input_ids"]
+    seq = prompt + response
+
+    def transformers_logp(model):  # (L+T-1,) log p(seq[t] | seq[:t]) for t >= 1
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0].float()  # (L+T, V)
+        return torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(seq[1:])[:, None]).squeeze(1)
+
+    # the engine starts from the same checkpoint
+    assert (torch.tensor(vllm_engine.prompt_logprobs(seq)) - transformers_logp(m)).abs().max() < 1e-3
+
+    # one AdamW step on the response's negative log-likelihood (a real training step; it moves every
+    # weight, the tied embedding / output layer included), on a copy wrapped like DDP wraps a model
+    trained = copy.deepcopy(m).train()
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-4, weight_decay=0.0)
+    logits = trained(torch.tensor([seq])).logits[0, len(prompt) - 1 : -1]  # (T, V)
+    loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(response))
+    loss.backward()
+    opt.step()
+    del opt
+    trained.eval()
+    embed_moved = (trained.model.embed_tokens.weight - m.model.embed_tokens.weight).abs().max()
+    assert embed_moved > 0 and trained.lm_head.weight is trained.model.embed_tokens.weight
+    ddp_like = torch.nn.Module()
+    ddp_like.module = trained  # sync_weights must unwrap `.module`
+
+    want = transformers_logp(trained)
+    stale = (torch.tensor(vllm_engine.prompt_logprobs(seq)) - want).abs().max().item()
+    vllm_engine.sync_weights(ddp_like)
+    synced = (torch.tensor(vllm_engine.prompt_logprobs(seq)) - want).abs().max().item()
+    print(f"max |logp_vllm - logp_transformers|: before sync {stale:.3g}, after sync {synced:.3g}")
+    assert stale > 0.05  # before the sync the engine samples from the old policy
+    assert synced < 1e-3  # after it, from exactly the trained one
+
+    # and back: other tests in this module use the original weights
+    vllm_engine.sync_weights(m)
+    assert (torch.tensor(vllm_engine.prompt_logprobs(seq)) - transformers_logp(m)).abs().max() < 1e-3
+
+
+@pytest.mark.vllm
+def test_vllm_sampling_logprobs_match_transformers(policy, vllm_engine):
+    m, tok = policy
+    prompts = [chat(tok, "Name a prime number larger than 10."), chat(tok, "What is 7 times 6?")]
+    samples = vllm_engine.generate(prompts, n=2, max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.9, seed=1)
+    check_structure(samples, 2, 2, 12, vllm_engine.stop_ids)
+    for s in samples:
+        logits = teacher_forced_logits(m, prompts[s.prompt_index], s.token_ids)  # (T, V)
+        want = torch.log_softmax(rollout.process_logits(logits, 0.8, 50, 0.9), dim=-1)
+        want = want.gather(1, torch.tensor(s.token_ids)[:, None]).squeeze(1)  # (T,)
+        # the first token, checked against the loop reference as well
+        assert abs(want[0].item() - brute_force_logp(logits[0].tolist(), s.token_ids[0], 0.8, 50, 0.9)) < 1e-4
+        assert (torch.tensor(s.logprobs) - want).abs().max() < 1e-3
+
+
+@pytest.mark.vllm
+def test_vllm_same_seed_same_samples(policy, vllm_engine):
+    m, tok = policy
+    prompts = [chat(tok, "Say hello."), chat(tok, "Say hello.")]  # a repeated prompt gets distinct samples
+    a = vllm_engine.generate(prompts, n=2, max_new_tokens=6, seed=11)
+    b = vllm_engine.generate(prompts, n=2, max_new_tokens=6, seed=11)
+    c = vllm_engine.generate(prompts, n=2, max_new_tokens=6, seed=12)
+    assert [s.token_ids for s in a] == [s.token_ids for s in b]
+    assert [s.logprobs for s in a] == [s.logprobs for s in b]
+    assert [s.token_ids for s in a] != [s.token_ids for s in c]
+    assert len({tuple(s.token_ids) for s in a}) > 1
+
+
+@pytest.mark.vllm
+def test_backends_same_structure_stop_and_truncation(policy, vllm_engine):
+    m, tok = policy
+    hf = rollout.make_rollout("hf", model=m, tokenizer=tok)
+    assert hf.stop_ids == vllm_engine.stop_ids
+    prompts = [chat(tok, "Answer with one word: what color is the sky?"), chat(tok, "Write a long story about a cat.")]
+    greedy = {}
+    for engine in (hf, vllm_engine):
+        # greedy: the short answer ends with <|im_end|>, the story is cut at 12 tokens
+        samples = greedy[engine.backend] = engine.generate(prompts, n=1, max_new_tokens=12, temperature=0.0)
+        check_structure(samples, 2, 1, 12, engine.stop_ids)
+        assert samples[0].finish_reason == "stop" and samples[0].token_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+        assert samples[1].truncated and samples[1].finish_reason == "length"
+        cut = engine.generate(prompts, n=2, max_new_tokens=2, seed=0)
+        check_structure(cut, 2, 2, 2, engine.stop_ids)
+    # greedy decoding in float32: both backends pick the same tokens
+    assert [s.token_ids for s in greedy["hf"]] == [s.token_ids for s in greedy["vllm"]]
+
+
+@pytest.mark.vllm
+def test_vllm_empty_prompt_list_does_no_work(vllm_engine, monkeypatch):
+    monkeypatch.setattr(vllm_engine.llm, "generate", lambda *a, **k: pytest.fail("engine called"))
+    assert vllm_engine.generate([], n=4) == []
+    vllm_engine.sleep()  # no-ops on CPU
+    vllm_engine.wake_up()

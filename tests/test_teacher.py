@@ -1,0 +1,313 @@
+"""Tests for teacher.py: prompts, exposure truncation, exact response alignment, teacher weights."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import teacher
+
+SOLUTION = ("Mia gets 7 more apples: 12 + 7 = 19.\n"
+            "Mia has 5 fewer apples: 19 - 5 = 14.\n"
+            "The number of apples doubles: 14 * 2 = 28.\n"
+            "Mia keeps half of the apples: 28 / 2 = 14.\n"
+            "Answer: \\boxed{14}")
+STEPS = SOLUTION.split("\n")[:4]
+
+# a Qwen3-like template written for these tests: ChatML, and with enable_thinking=false an empty
+# think block right after the assistant generation prompt (as Qwen3's own template does)
+QWEN3_STYLE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
+)
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+@pytest.fixture(scope="module")
+def chatml_tok(embedded_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+@pytest.fixture(scope="module")
+def qwen3_tok(embedded_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    tok.chat_template = QWEN3_STYLE
+    return tok
+
+
+def encode(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------ steps and exposure
+
+
+def test_split_steps_lines_paragraphs_and_answer_line():
+    assert teacher.split_steps(SOLUTION) == STEPS
+    assert teacher.split_steps("a = 1\n\nb = 2\nstill b\n\n\\boxed{3}") == ["a = 1", "b = 2\nstill b"]
+    assert teacher.split_steps("  x = 1 \n\n\n") == ["x = 1"]
+    assert teacher.split_steps("\\boxed{3}") == []
+    # a last step that computes and boxes at once is a step, not a bare answer line
+    assert teacher.split_steps("x = 1\nso 1 + 2 = \\boxed{3}") == ["x = 1", "so 1 + 2 = \\boxed{3}"]
+
+
+@pytest.mark.parametrize("alpha, k", [(0.0, 0), (0.01, 1), (0.1, 1), (0.25, 1), (0.5, 2), (0.51, 3), (0.75, 3), (1.0, 4)])
+def test_reveal_shows_ceil_alpha_m_steps_and_the_answer(alpha, k):
+    expected = "\n".join(STEPS[:k] + ["Answer: \\boxed{14}"])
+    assert teacher.reveal(SOLUTION, "14", alpha) == expected
+
+
+def test_reveal_alpha_zero_half_one():
+    assert teacher.reveal(SOLUTION, "14", 0.0) == "Answer: \\boxed{14}"  # a pure hint
+    assert teacher.reveal(SOLUTION, "14", 0.5) == "\n".join(STEPS[:2]) + "\nAnswer: \\boxed{14}"
+    assert teacher.reveal(SOLUTION, "14", 1.0) == SOLUTION  # the whole solution, unchanged
+    assert teacher.reveal(SOLUTION, "14", 0.5, show_answer=False) == "\n".join(STEPS[:2])
+
+
+def test_reveal_one_step_solution():
+    one = "Tom gets 4 more pens: 3 + 4 = 7.\nAnswer: \\boxed{7}"
+    assert teacher.reveal(one, "7", 0.0) == "Answer: \\boxed{7}"
+    assert teacher.reveal(one, "7", 0.01) == one  # ceil(0.01 * 1) = 1
+    assert teacher.reveal(one, "7", 0.5) == one
+    assert teacher.reveal(one, "7", 1.0) == one
+
+
+def test_reveal_float_noise_and_boxed_last_step():
+    many = "\n".join(f"step {i}" for i in range(25))
+    assert 0.28 * 25 > 7  # the float noise the epsilon must absorb: 7.000000000000001
+    assert teacher.reveal(many, "9", 0.28) == "\n".join(f"step {i}" for i in range(7)) + "\nAnswer: \\boxed{9}"
+    boxed_last = "x = 1\nso 1 + 2 = \\boxed{3}"
+    assert teacher.reveal(boxed_last, "3", 1.0) == boxed_last  # the answer is not repeated
+    with pytest.raises(ValueError):
+        teacher.reveal(SOLUTION, "14", 1.5)
+
+
+# ------------------------------------------------------------------ prompts through chat templates
+
+
+def test_chatml_student_and_teacher_prompts(chatml_tok):
+    problem = "Mia has 12 apples. How many now?"
+    ids = teacher.student_prompt_ids(chatml_tok, problem)
+    text = (SMOL_SYSTEM + f"<|im_start|>user\n{problem}\n\n{teacher.INSTRUCTION}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    assert ids == encode(chatml_tok, text)
+    assert ids[-4:] == encode(chatml_tok, "<|im_start|>assistant\n")
+
+    t_ids = teacher.teacher_prompt_ids(chatml_tok, problem, SOLUTION, "14", alpha=0.5)
+    content = teacher.teacher_messages(problem, SOLUTION, "14", alpha=0.5)[0]["content"]
+    assert t_ids == encode(chatml_tok, SMOL_SYSTEM + f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n")
+    assert content.startswith(problem + "\n\n")
+    assert "\n".join(STEPS[:2]) + "\nAnswer: \\boxed{14}" in content
+    assert STEPS[2] not in content
+    assert content.endswith(teacher.TRANSITION)
+    # alpha = 0: the answer only; alpha = 1: every step
+    hint = teacher.teacher_messages(problem, SOLUTION, "14", alpha=0.0)[0]["content"]
+    assert "\\boxed{14}" in hint and not any(s in hint for s in STEPS)
+    full = teacher.teacher_messages(problem, SOLUTION, "14", alpha=1.0)[0]["content"]
+    assert SOLUTION in full
+    withheld = teacher.teacher_messages(problem, SOLUTION, "14", alpha=1.0, show_answer=False)[0]["content"]
+    assert "\\boxed{14}" not in withheld.replace(teacher.INSTRUCTION, "")
+
+
+def test_qwen3_style_thinking_on_and_off(qwen3_tok):
+    problem = "What is 2 + 3?"
+    user = f"<|im_start|>user\n{problem}\n\n{teacher.INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"
+    off = teacher.student_prompt_ids(qwen3_tok, problem, enable_thinking=False)
+    on = teacher.student_prompt_ids(qwen3_tok, problem, enable_thinking=True)
+    default = teacher.student_prompt_ids(qwen3_tok, problem)
+    assert off == encode(qwen3_tok, user + "<think>\n\n</think>\n\n")
+    assert on == encode(qwen3_tok, user)
+    assert default == on  # enable_thinking is not passed at all when None
+    # a non-thinking student next to a thinking teacher
+    t_on = teacher.teacher_prompt_ids(qwen3_tok, problem, "2 + 3 = 5\n\\boxed{5}", "5", enable_thinking=True)
+    t_off = teacher.teacher_prompt_ids(qwen3_tok, problem, "2 + 3 = 5\n\\boxed{5}", "5", enable_thinking=False)
+    assert t_off == t_on + encode(qwen3_tok, "<think>\n\n</think>\n\n")
+
+
+# ------------------------------------------------------------------ exact response alignment
+
+
+def tiny_qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(1)
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
+RESPONSES = [[20, 21, 22], [30, 31, 32, 33, 34], [40]]
+
+
+def unpadded_rows(model, prompt, response):
+    """Logit rows predicting each response token, from one forward on the bare sequence."""
+    out = model(torch.tensor([prompt + response]))
+    return out.logits[0, len(prompt) - 1 : len(prompt) - 1 + len(response)]  # (T_b, V)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_response_logits_match_unpadded_forwards(arch, tiny_llama):
+    model = (tiny_llama if arch == "llama" else tiny_qwen3()).double()
+    out, mask = teacher.teacher_logits(model, PROMPTS, RESPONSES)
+    assert out.shape == (3, 5, 64) and out.dtype == torch.float64
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    with torch.no_grad():
+        for b in range(3):
+            ref = unpadded_rows(model, PROMPTS[b], RESPONSES[b])
+            torch.testing.assert_close(out[b, : len(RESPONSES[b])], ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_hidden_states_are_post_norm(arch, tiny_llama):
+    model = (tiny_llama if arch == "llama" else tiny_qwen3()).double()
+    h, mask = teacher.teacher_logits(model, PROMPTS, RESPONSES, hidden=True)
+    logits, mask2 = teacher.teacher_logits(model, PROMPTS, RESPONSES)
+    assert h.shape == (3, 5, 32) and torch.equal(mask, mask2)
+    torch.testing.assert_close(h @ model.lm_head.weight.T, logits, rtol=0, atol=1e-10)
+
+
+def test_student_gradients_match_unpadded(tiny_llama):
+    """With grad, the batched forward gives the same parameter gradients as the bare sequences,
+    and left-padding rows produce no NaN."""
+    model = tiny_llama.double()
+    w = torch.randn(3, 5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out, mask = teacher.response_forward(model, PROMPTS, RESPONSES)
+    ((out * w) * mask[..., None]).sum().backward()
+    g_batched = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for b in range(3):
+        ref = unpadded_rows(model, PROMPTS[b], RESPONSES[b])
+        (ref * w[b, : len(RESPONSES[b])]).sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.isfinite(g_batched[n]).all(), n
+        torch.testing.assert_close(g_batched[n], p.grad, rtol=1e-9, atol=1e-10)
+
+
+def test_response_forward_through_ddp(tiny_llama, tmp_path):
+    """The student may be wrapped in DistributedDataParallel: only model(...) is called."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdv", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(tiny_llama)
+        out, mask = teacher.response_forward(ddp, PROMPTS, RESPONSES)
+        ref, _ = teacher.teacher_logits(tiny_llama, PROMPTS, RESPONSES)
+        torch.testing.assert_close(out.detach(), ref)
+        (out * mask[..., None]).sum().backward()
+        assert all(p.grad is not None for p in tiny_llama.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ teacher weights
+
+
+def sgd_step(model, lr=0.1):
+    out, mask = teacher.response_forward(model, PROMPTS, RESPONSES)
+    (out.pow(2) * mask[..., None]).mean().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+    model.zero_grad()
+
+
+def test_frozen_teacher_is_a_fixed_copy(tiny_llama):
+    before = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
+    t = teacher.make_teacher(tiny_llama)  # frozen is the default
+    assert t is not tiny_llama and not t.training
+    assert all(not p.requires_grad for p in t.parameters())
+    assert all(p.requires_grad for p in tiny_llama.parameters())  # the student is untouched
+    assert t.lm_head.weight is t.model.embed_tokens.weight  # tying survives the copy
+    sgd_step(tiny_llama)
+    for n, p in t.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0)
+    assert not torch.equal(tiny_llama.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+
+
+def test_live_teacher_is_the_student(tiny_llama):
+    t = teacher.make_teacher(tiny_llama, "live")
+    assert t is tiny_llama
+    sgd_step(tiny_llama)
+    a, _ = teacher.teacher_logits(t, PROMPTS, RESPONSES)
+    b, _ = teacher.response_forward(tiny_llama, PROMPTS, RESPONSES)
+    torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        teacher.make_teacher(tiny_llama, "average")
+
+
+def test_ema_update_formula(tiny_llama):
+    t = teacher.make_teacher(tiny_llama, "ema")
+    old = {n: p.detach().clone() for n, p in t.named_parameters()}
+    sgd_step(tiny_llama)
+    teacher.ema_update(t, tiny_llama, decay=0.9)
+    for n, p in t.named_parameters():
+        s = dict(tiny_llama.named_parameters())[n].detach()
+        torch.testing.assert_close(p, 0.9 * old[n] + 0.1 * s)
+        assert not p.requires_grad
+    teacher.ema_update(t, tiny_llama, decay=1.0)  # decay 1: unchanged
+    teacher.ema_update(t, tiny_llama, decay=0.0)  # decay 0: the student
+    for n, p in t.named_parameters():
+        torch.testing.assert_close(p, dict(tiny_llama.named_parameters())[n].detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "live", "ema"])
+def test_teacher_forward_never_changes_student_gradients(mode, tiny_llama):
+    model = tiny_llama.double()
+    t = teacher.make_teacher(model, mode)
+    # reference: target computed on an independent copy, loss backward on the student
+    import copy
+
+    target, _ = teacher.teacher_logits(copy.deepcopy(t), PROMPTS, RESPONSES)
+    s, mask = teacher.response_forward(model, PROMPTS, RESPONSES)
+    ((s - target).pow(2) * mask[..., None]).sum().backward()
+    g_ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    # the same loss with the target coming from the teacher itself, interleaved with the student
+    s, mask = teacher.response_forward(model, PROMPTS, RESPONSES)
+    logits_t, _ = teacher.teacher_logits(t, PROMPTS, RESPONSES)
+    assert not logits_t.requires_grad
+    ((s - logits_t).pow(2) * mask[..., None]).sum().backward()
+    teacher.teacher_logits(t, PROMPTS, RESPONSES)  # a teacher forward after backward changes nothing
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, g_ref[n], rtol=0, atol=0)
+    if mode != "live":
+        assert all(p.grad is None for p in t.parameters())
+
+
+# ------------------------------------------------------------------ answer log-probability
+
+
+def test_answer_logprob_matches_a_hand_loop(chatml_tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(chatml_tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).double().eval()
+    rows = [("What is 2 + 3?", "2 + 3 = 5\nAnswer: \\boxed{5}", "5"),
+            ("Mia has 12 apples. How many now?", SOLUTION, "14"),
+            ("What is 1/2 of 3?", "1/2 * 3 = 3/2\n\\boxed{\\frac{3}{2}}", "\\frac{3}{2}")]
+    prompts = [teacher.teacher_prompt_ids(chatml_tok, p, s, a, alpha=0.5) for p, s, a in rows]
+    g = teacher.answer_logprob(model, chatml_tok, prompts, [a for _, _, a in rows])
+    assert g.shape == (3,)
+    lead = encode(chatml_tok, "The final answer is \\boxed{")
+    for b, (_, _, a) in enumerate(rows):
+        target = encode(chatml_tok, a + "}")
+        seq = prompts[b] + lead + target
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), -1)
+        start = len(prompts[b]) + len(lead)
+        hand = sum(logp[start - 1 + j, tok].item() for j, tok in enumerate(target)) / len(target)
+        assert math.isclose(g[b].item(), hand, rel_tol=1e-6, abs_tol=1e-6)

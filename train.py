@@ -1,0 +1,812 @@
+"""On-policy self-distillation for math reasoning: OPSD, DASD, ATESD (and GRPO / SFT baselines) in one file.
+
+Papers:
+  OPSD  "Self-Distilled Reasoner: On-Policy Self-Distillation for LLMs"                  arXiv 2601.18734
+  DASD  "Tailoring Teaching to Aptitude: Direction-Adaptive Self-Distillation"            arXiv 2605.22263
+  ATESD "Adaptive Teacher Exposure for Self-Distillation in LLM Reasoning"                arXiv 2605.11458
+
+One step of the algorithm (OPSD family):
+  1. the student samples y ~ p_S(. | x) for a batch of problems x                     (rollout.py)
+  2. the exposure schedule picks alpha; the teacher sees x + reveal(y*, alpha)        (exposure.py, teacher.py)
+  3. teacher forward (no grad) and student forward on the same tokens y               (teacher.py)
+  4. per-token loss: D(p_T || p_S) (OPSD), entropy-routed pull/push (DASD)            (losses.py, entropy.py)
+  5. backward, clip, optimizer step, push the new weights into the rollout engine
+  6. tell the exposure controller how the loss moved (its reward arrives L steps later)
+
+Run:
+  python train.py                                          # embedded SmolLM2-135M + embedded data, CPU
+  python train.py --method opsd --exposure full --steps 20 # plain OPSD
+  torchrun --nproc_per_node=2 train.py                     # 2 processes (gloo on CPU, NCCL on GPU)
+  torchrun --nproc_per_node=8 train.py --model Qwen/Qwen3-1.7B --data my_math.jsonl \
+      --max_new_tokens 1024 --temperature 1.1 --prompts_per_step 32 --lr 5e-6 --chunk_size 512 \
+      --student_thinking false --teacher_thinking true --rollout vllm
+
+Where this file departs from the textbook algorithms (each is a flag):
+  1. Full fine-tuning, not LoRA (the OPSD runs use LoRA r64). A reference should show the loss, not
+     an adapter library; the loss code is unchanged under LoRA.
+  2. Exactly one optimizer step per rollout batch, so the data is exactly on-policy and no importance
+     ratio or PPO clip is needed (GRPO and the DASD token-advantage form use the plain surrogate).
+  3. The token mean is taken over the valid response tokens of the *global* batch (all micro-batches,
+     all ranks), so one process and N processes with the same global batch take the same step.
+  4. Rollouts are re-seeded every step from (seed, step, rank): a resumed run samples exactly what an
+     uninterrupted run would, with no generator state to carry.
+  5. Parameters stay float32 (the optimizer's master copy); matmuls run in bf16 autocast when
+     --dtype bfloat16 (the fast path on recent CPUs and on GPUs).
+  6. The exposure controller runs identically on every rank from all-reduced statistics, so all
+     ranks use the same alpha without a broadcast.
+"""
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import entropy
+import evaluate
+import exposure
+import losses
+import model as modellib
+import rollout
+import teacher as teacherlib
+
+# -----------------------------------------------------------------------------------------------
+# Config: one flat dataclass; every field's docstring is its --help text.
+
+
+@dataclass
+class Config:
+    # --- what to train
+    model: typing.Optional[str] = None
+    """Hugging Face name or local folder. Default: the embedded SmolLM2-135M-Instruct (see model.py)."""
+    data: str = "embedded"
+    """Training problems: "embedded" (generated, see data.py), a JSONL/JSON/Parquet file, or a hub name."""
+    problem_field: typing.Optional[str] = None
+    """Field holding the problem text in --data (default: guessed from problem/question/prompt)."""
+    solution_field: typing.Optional[str] = None
+    """Field holding the reference solution in --data (default: guessed from solution/answer/...)."""
+    answer_field: typing.Optional[str] = None
+    """Field holding the final answer (default: answer, else the last \\boxed{} of the solution)."""
+    skip_bad_rows: bool = False
+    """Skip (and count) malformed rows of --data instead of stopping with an error."""
+    method: str = "dasd"
+    """opsd | dasd (entropy-routed pull/push KL) | dasd_adv (token-advantage form) | grpo | sft."""
+    exposure: str = "auto"
+    """How much of the reference the teacher sees: full (OPSD) | fixed (--alpha) | random | atesd (learned);
+    auto = atesd for the distillation methods, full for grpo and sft (they have no teacher)."""
+    alpha: float = 0.5
+    """Exposure for --exposure fixed: the teacher sees the first ceil(alpha*m) of m solution steps."""
+    teacher: str = "frozen"
+    """Teacher weights: frozen (initial policy) | live (current student) | ema (EMA of the student)."""
+    ema_decay: float = 0.99
+    """Decay of the EMA teacher (--teacher ema)."""
+    student_thinking: typing.Optional[bool] = None
+    """enable_thinking for the student's chat template (Qwen3); None leaves the template's default."""
+    teacher_thinking: typing.Optional[bool] = None
+    """enable_thinking for the teacher's chat template (Qwen3); None leaves the template's default."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off by default: loading a model must not execute foreign code."""
+
+    # --- batch and sampling
+    steps: int = 20
+    """Number of optimizer steps."""
+    prompts_per_step: int = 8
+    """Problems per step across all ranks (the global batch, in prompts)."""
+    samples_per_prompt: int = 1
+    """G, rollouts per problem (OPSD uses 1; GRPO needs >= 2)."""
+    micro_batch: int = 8
+    """Sequences per forward/backward on one rank (gradient accumulation above this)."""
+    max_new_tokens: int = 128
+    """Response length cap; longer responses are cut and marked truncated."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts; the loss divides both sides' logits by it too (OPSD)."""
+    top_p: float = 1.0
+    """Nucleus sampling for rollouts (1.0 = off: exact on-policy samples)."""
+    top_k: int = -1
+    """Top-k sampling for rollouts (-1 = off)."""
+
+    # --- losses (see losses.py for the equations)
+    beta: float = 0.0
+    """Generalized JSD mix: 0 = KL(p_T||p_S) (forward, OPSD's best), 1 = KL(p_S||p_T) (reverse)."""
+    clip: typing.Optional[float] = 0.05
+    """OPSD per-vocabulary-entry clip tau of the divergence summands (None/0 disables)."""
+    push_fraction: float = 0.2
+    """DASD: the top push_fraction of each response's tokens by student entropy are pushed away."""
+    hard_gate: bool = False
+    """DASD: use the sign gate instead of the soft tanh gate."""
+    push_weight: float = 1.0
+    """DASD: weight of the push (away-from-teacher) term."""
+    push_margin: typing.Optional[float] = None
+    """DASD: cap of the bounded push divergence (None = the default in losses.py)."""
+    adv_coef: float = 1.0
+    """dasd_adv: coefficient of the entropy-routed teacher shaping term in the token advantage."""
+    chunk_size: int = 0
+    """>0: compute the distillation loss from hidden states in chunks of this many tokens, never
+    holding the full (T, V) logits (use for large vocabularies such as Qwen3's 151,936)."""
+
+    # --- exposure controller (ATESD; see exposure.py for the defaults' reasons)
+    hold: typing.Optional[int] = None
+    """ATESD: student updates each sampled alpha is held for (None = exposure.py default)."""
+    lookahead: typing.Optional[int] = None
+    """ATESD: steps after a decision over which its learning progress is summed."""
+    gamma: typing.Optional[float] = None
+    """ATESD: discount of the learning-progress reward."""
+    lambda_gt: typing.Optional[float] = None
+    """ATESD: weight of the teacher-grounded guard term (teacher log-prob of the reference answer)."""
+    batch_decisions: typing.Optional[int] = None
+    """ATESD: completed decisions per REINFORCE update of the controller."""
+    controller_lr: typing.Optional[float] = None
+    """ATESD: controller learning rate."""
+
+    # --- optimization
+    lr: float = 2e-6
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps (constant afterwards)."""
+    grad_clip: float = 1.0
+    """Clip of the global gradient norm (0 disables)."""
+
+    # --- systems
+    rollout: str = "auto"
+    """Rollout backend: auto (vllm on GPU, hf on CPU) | vllm | hf."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vLLM: fraction of GPU memory for the colocated engine (weights + KV cache)."""
+    vllm_tensor_parallel_size: int = 1
+    """vLLM: tensor parallel size of each engine."""
+    vllm_sleep: bool = False
+    """vLLM (GPU): put the engine to sleep during the training phase to free its memory."""
+    dtype: str = "bfloat16"
+    """bfloat16 (autocast, fp32 master weights) | float32."""
+    fsdp: bool = False
+    """Shard the student with FSDP2 (fully_shard) instead of DDP, for models that do not fit one device."""
+    seed: int = 0
+    """Seed of data order, rollouts and the controller (rollouts are offset by rank and step)."""
+
+    # --- output
+    out_dir: str = "runs/default"
+    """Folder for metrics.jsonl, checkpoints (ckpt/) and the final model (final/)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    resume: bool = False
+    """Continue from out_dir/ckpt exactly where it stopped."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (out_dir/tb) if it is installed."""
+    wandb: typing.Optional[str] = None
+    """Also log to this W&B project if wandb is installed."""
+    inject_nan_at_step: int = -1
+    """Testing hook: make the loss of this step NaN to exercise the non-finite guard."""
+
+
+def parse_config(argv=None):
+    """Dataclass -> argparse flags. Booleans accept --flag, --flag true/false; Optional[x] accepts none."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = field_docs(Config)
+
+    def to_bool(s):
+        if s.lower() in ("1", "true", "yes", "on"):
+            return True
+        if s.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+    for f in dataclasses.fields(Config):
+        tp = f.type
+        optional = typing.get_origin(tp) is typing.Union
+        base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
+        conv = to_bool if base is bool else base
+        if optional:
+            conv = (lambda c: (lambda s: None if s.lower() in ("none", "") else c(s)))(conv)
+        kw = dict(default=f.default, help=f"{docs.get(f.name, '')} (default: {f.default})")
+        if base is bool:
+            kw.update(nargs="?", const=True)
+        p.add_argument(f"--{f.name}", type=conv, **kw)
+    return Config(**vars(p.parse_args(argv)))
+
+
+def field_docs(cls):
+    """The string literal under each dataclass field is its documentation (as in cleanrl)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body, docs = tree.body[0].body, {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def check_config(cfg):
+    """Flag combinations that make no sense are errors before any work starts."""
+    errors = []
+    if cfg.exposure == "auto":
+        cfg.exposure = "full" if cfg.method in ("grpo", "sft") else "atesd"
+    if cfg.method not in ("opsd", "dasd", "dasd_adv", "grpo", "sft"):
+        errors.append(f"--method {cfg.method!r}: choose opsd, dasd, dasd_adv, grpo or sft")
+    if cfg.exposure not in ("full", "fixed", "random", "atesd"):
+        errors.append(f"--exposure {cfg.exposure!r}: choose full, fixed, random or atesd")
+    if cfg.teacher not in ("frozen", "live", "ema"):
+        errors.append(f"--teacher {cfg.teacher!r}: choose frozen, live or ema")
+    if cfg.method == "grpo" and cfg.samples_per_prompt < 2:
+        errors.append("--method grpo needs --samples_per_prompt >= 2 (advantages are relative to the group)")
+    if cfg.method in ("grpo", "sft") and cfg.exposure != "full":
+        errors.append(f"--method {cfg.method} uses no teacher, so --exposure must stay 'full' (got {cfg.exposure!r})")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        errors.append(f"--alpha {cfg.alpha} must be in [0, 1]")
+    if not 0.0 <= cfg.beta <= 1.0:
+        errors.append(f"--beta {cfg.beta} must be in [0, 1]")
+    if not 0.0 < cfg.push_fraction < 1.0:
+        errors.append(f"--push_fraction {cfg.push_fraction} must be in (0, 1)")
+    if cfg.steps < 1 or cfg.prompts_per_step < 1 or cfg.samples_per_prompt < 1 or cfg.micro_batch < 1:
+        errors.append("--steps, --prompts_per_step, --samples_per_prompt and --micro_batch must be >= 1")
+    if cfg.temperature <= 0:
+        errors.append("--temperature must be > 0 (on-policy distillation needs sampled rollouts)")
+    if cfg.dtype not in ("bfloat16", "float32"):
+        errors.append(f"--dtype {cfg.dtype!r}: choose bfloat16 or float32")
+    if cfg.rollout not in ("auto", "hf", "vllm"):
+        errors.append(f"--rollout {cfg.rollout!r}: choose auto, hf or vllm")
+    if errors:
+        raise SystemExit("train.py: " + "\n  ".join(["invalid flags:"] + errors))
+
+
+# -----------------------------------------------------------------------------------------------
+# Compute init: the same file runs alone (python train.py) or under torchrun (RANK is set).
+
+
+def init_distributed():
+    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not ddp:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return False, 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")  # NCCL needs GPUs; gloo does the same collectives on CPU
+    return True, rank, world, device
+
+
+def all_reduce_sum(values, device, ddp):
+    """Sum a dict of floats over ranks (one collective for all of them)."""
+    if not ddp:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+# -----------------------------------------------------------------------------------------------
+# Data order: a function of (seed, step) only, so resuming needs nothing but the step.
+
+
+def step_rows(rows, cfg, step, rank, world):
+    """The problems of this step for this rank: a seeded permutation per epoch, sharded by rank."""
+    n, start = len(rows), step * cfg.prompts_per_step
+    picked = []
+    for i in range(start, start + cfg.prompts_per_step):
+        epoch, pos = divmod(i, n)
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        picked.append(rows[perm[pos]])
+    return picked[rank::world]
+
+
+# -----------------------------------------------------------------------------------------------
+# The losses of one micro-batch. The algorithm lives here; everything else is plumbing.
+
+
+def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autocast):
+    """Returns (loss as a token mean over this micro-batch, n valid tokens, metrics)."""
+    s_prompts = [b["student_prompt"] for b in mb]
+    responses = [b["response"] for b in mb]
+
+    if cfg.method == "sft":  # baseline: NLL of the reference solution, no teacher
+        with autocast():
+            logits, mask = teacherlib.response_forward(student, s_prompts, responses)  # (B,T,V), (B,T)
+        logp = torch.log_softmax(logits.float(), -1)
+        tgt = response_targets(responses, logits.shape[1], logits.device)
+        nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B,T)
+        n = mask.sum()
+        loss = (nll * mask).sum() / n.clamp(min=1)
+        return loss, n.item(), {"loss/sft_nll": loss.item()}
+
+    # teacher: the same network (or its frozen/EMA copy) shown x + the revealed part of y*
+    need_teacher = cfg.method != "grpo"
+    if need_teacher:
+        t_prompts = [b["teacher_prompt"] for b in mb]
+        with autocast():
+            # no_grad inside teacher_logits: the teacher is a constant target, and a live teacher
+            # (the student itself) must not receive a second gradient path through its own targets
+            t_out, _ = teacherlib.teacher_logits(teacher_model, t_prompts, responses, hidden=cfg.chunk_size > 0)
+
+    with autocast():
+        s_out, mask = teacherlib.response_forward(student, s_prompts, responses, hidden=cfg.chunk_size > 0)
+    n = mask.sum()
+    metrics = {}
+
+    if cfg.method in ("opsd", "dasd") and cfg.chunk_size > 0:
+        # hidden states in, loss out: at most chunk_size x V logits alive at a time
+        kw = dict(method=cfg.method, chunk_size=cfg.chunk_size, beta=cfg.beta, clip=cfg.clip or None,
+                  temperature=cfg.temperature)
+        if cfg.method == "dasd":
+            kw.update(dasd_kwargs(cfg))
+        t_head = teacher_model.get_output_embeddings().weight.detach()  # the teacher's own lm_head
+        loss, metrics = losses.chunked_distill_loss(s_out.float(), lm_head.weight, t_out.float(), t_head, mask, **kw)
+        return loss, n.item(), metrics
+
+    s_logits = s_out if cfg.chunk_size == 0 else s_out @ lm_head.weight.T
+    extra = student_confidence(s_logits, responses, mask, cfg.temperature)  # token sums, for the controller
+    if cfg.method == "opsd":
+        loss, metrics = losses.opsd_loss(s_logits, t_out, mask, beta=cfg.beta, clip=cfg.clip or None,
+                                         temperature=cfg.temperature)
+    elif cfg.method == "dasd":
+        loss, metrics = losses.dasd_loss(s_logits, t_out, mask, beta=cfg.beta, clip=cfg.clip or None,
+                                         temperature=cfg.temperature, **dasd_kwargs(cfg))
+    else:  # grpo, dasd_adv: the on-policy policy-gradient surrogate on sampled tokens
+        tgt = response_targets(responses, s_logits.shape[1], s_logits.device)
+        logp_s = torch.log_softmax(s_logits.float() / cfg.temperature, -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        seq_adv = torch.tensor([b.get("adv", 0.0) for b in mb], dtype=torch.float32, device=logp_s.device)  # (B,)
+        if cfg.method == "grpo":
+            adv = seq_adv[:, None].expand_as(logp_s) * mask  # (B,T)
+        else:
+            with torch.no_grad():
+                logp_t = torch.log_softmax(t_out.float() / cfg.temperature, -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+                ent = entropy.token_entropy(s_logits.detach(), temperature=cfg.temperature)
+            group_adv = seq_adv[:, None].expand_as(logp_s) if cfg.samples_per_prompt > 1 else None
+            adv, metrics = losses.dasd_token_advantages(
+                logp_s.detach(), logp_t, ent, mask, push_fraction=cfg.push_fraction, soft=not cfg.hard_gate,
+                coef=cfg.adv_coef, group_adv=group_adv)
+        loss, pg_metrics = losses.policy_gradient_loss(logp_s, adv.detach(), mask)
+        metrics.update(pg_metrics)
+    # metrics are token means of this micro-batch; the extra sums are divided by n here to match
+    metrics.update({k: v / max(n.item(), 1.0) for k, v in extra.items()})
+    return loss, n.item(), metrics
+
+
+def dasd_kwargs(cfg):
+    kw = dict(push_fraction=cfg.push_fraction, soft=not cfg.hard_gate, push_weight=cfg.push_weight)
+    if cfg.push_margin is not None:
+        kw["push_margin"] = cfg.push_margin
+    return kw
+
+
+def response_targets(responses, T, device):
+    """(B, T) token ids of the responses, right-padded with 0 (masked out by the loss)."""
+    tgt = torch.zeros(len(responses), T, dtype=torch.long, device=device)
+    for i, r in enumerate(responses):
+        tgt[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return tgt
+
+
+@torch.no_grad()
+def teacher_answer_logprob(cfg, teacher_model, tok, batch, alpha, autocast):
+    """Sum over sequences of the teacher's mean log-prob of the reference answer (ATESD's guard signal)."""
+    total = 0.0
+    for mb in chunks(batch, cfg.micro_batch):
+        with autocast():
+            # the guard prompt withholds the answer: with it shown, the teacher just copies it and g is
+            # flat in alpha; without it, g measures how strongly the revealed steps lead to the answer
+            guard = [teacherlib.teacher_prompt_ids(tok, b["row"]["problem"], b["row"]["solution"], b["answer"],
+                                                   alpha=alpha, show_answer=False, enable_thinking=False)
+                     for b in mb]
+            alp = teacherlib.answer_logprob(teacher_model, tok, guard, [b["answer"] for b in mb])  # (B,)
+        total += alp.float().sum().item()
+    return total
+
+
+@torch.no_grad()
+def student_confidence(s_logits, responses, mask, temperature):
+    """Token sums of the student's NLL of its own sampled tokens and of its top-1 probability."""
+    logp = torch.log_softmax(s_logits.detach().float() / temperature, -1)  # (B,T,V)
+    tgt = response_targets(responses, s_logits.shape[1], s_logits.device)
+    nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B,T)
+    top1 = logp.max(-1).values.exp()  # (B,T)
+    m = mask.bool()
+    return {"student/nll": torch.where(m, nll, 0.0).sum().item(), "student/confidence": torch.where(m, top1, 0.0).sum().item()}
+
+
+def chunks(xs, n):
+    return [xs[i: i + n] for i in range(0, len(xs), n)]
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints: model as a save_pretrained folder, the rest in trainer.pt; written aside, then renamed.
+
+
+def save_checkpoint(cfg, step, student, teacher_model, tok, opt, sched, expo, n_skipped, out):
+    tmp, old = out + ".tmp", out + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_model(student, tok, os.path.join(tmp, "model"))
+    state = {
+        "step": step, "n_skipped": n_skipped, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "exposure": expo.state_dict(), "config": dataclasses.asdict(cfg),
+        # data order and rollout seeds are functions of (seed, step); these cover everything else
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
+    if cfg.teacher == "ema":
+        state["ema_teacher"] = {k: v.detach().cpu() for k, v in teacher_model.state_dict().items()}
+    torch.save(state, os.path.join(tmp, "trainer.pt"))
+    # an interrupted write leaves either the old checkpoint (renamed to .old) or the new one complete
+    if os.path.exists(out):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(student, tok, path):
+    """A plain save_pretrained folder that transformers and vLLM load, whatever wraps the student."""
+    module = unwrap(student)
+    sd = full_state_dict(student)
+    if not is_rank0():
+        return
+    module.save_pretrained(path, state_dict=sd, safe_serialization=True)
+    tok.save_pretrained(path)
+
+
+def full_state_dict(student):
+    if any(hasattr(p, "full_tensor") for p in student.parameters()):  # FSDP2: gather shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(student).state_dict().items()}
+
+
+def unwrap(m):
+    return m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
+
+
+def is_rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def load_checkpoint(path):
+    f = os.path.join(path, "trainer.pt")
+    try:
+        # weights_only: a checkpoint is data, never code
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"train.py: cannot read checkpoint {f}: {e}") from e
+
+
+# -----------------------------------------------------------------------------------------------
+# Main: config, compute, models, rollout, then the loop.
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    check_config(cfg)
+    ddp, rank, world, device = init_distributed()
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple of the "
+                         f"number of processes ({world}) so that every rank gets the same number of prompts")
+    if cfg.fsdp and cfg.resume:
+        raise SystemExit("train.py: --resume with --fsdp is not supported (optimizer state is sharded)")
+    master = rank == 0
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
+
+    # ---- data
+    try:
+        rows = data.load_dataset(cfg.data, split="train", problem_field=cfg.problem_field,
+                                 solution_field=cfg.solution_field, answer_field=cfg.answer_field,
+                                 skip_bad_rows=cfg.skip_bad_rows)
+    except (data.DataError, FileNotFoundError) as e:
+        raise SystemExit(f"train.py: {e}") from e
+
+    # ---- models: the student (trained), the teacher (frozen copy, EMA copy, or the student itself)
+    resume_state = None
+    start_path = modellib.resolve(cfg.model)
+    if cfg.resume:
+        if not os.path.isdir(ckpt_dir) and os.path.isdir(ckpt_dir + ".old"):
+            ckpt_dir = ckpt_dir + ".old"  # the rename of a newer checkpoint was interrupted
+        if not os.path.isdir(ckpt_dir):
+            raise SystemExit(f"train.py: --resume but no checkpoint in {ckpt_dir}")
+        resume_state = load_checkpoint(ckpt_dir)
+    try:
+        # fp32 master weights (departure 5); bf16 matmuls come from autocast below
+        student, tok = modellib.load(start_path, dtype=torch.float32, device=device,
+                                     trust_remote_code=cfg.trust_remote_code)
+    except FileNotFoundError as e:
+        raise SystemExit(f"train.py: {e}") from e
+    # the frozen teacher is the *initial* policy, so it is built before resumed weights are loaded
+    teacher_model = None
+    if cfg.method not in ("grpo", "sft"):
+        teacher_model = teacherlib.make_teacher(student, mode=cfg.teacher)
+        if resume_state is not None and cfg.teacher == "ema":
+            teacher_model.load_state_dict(resume_state["ema_teacher"])
+    if resume_state is not None:
+        import glob
+
+        from safetensors.torch import load_file
+
+        sd = {}
+        for f in sorted(glob.glob(os.path.join(ckpt_dir, "model", "*.safetensors"))):
+            sd.update(load_file(f))
+        missing, _ = student.load_state_dict(sd, strict=False)
+        if [k for k in missing if k != "lm_head.weight"]:  # a tied lm_head is not stored separately
+            raise SystemExit(f"train.py: checkpoint {ckpt_dir} lacks weights: {missing[:5]}")
+        if getattr(student.config, "tie_word_embeddings", False):
+            student.tie_weights()
+    student.train()
+    lm_head = student.get_output_embeddings()  # the matrix the chunked loss multiplies by
+
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in student.model.layers:
+            fully_shard(layer)
+        fully_shard(student)
+        train_model = student
+    elif ddp:
+        train_model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        train_model = student
+    if cfg.teacher == "live" and teacher_model is not None:
+        teacher_model = student  # the same parameters, called outside DDP's forward (no grad anyway)
+
+    use_bf16 = cfg.dtype == "bfloat16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+
+    expo_kw = {k: getattr(cfg, k) for k in ("hold", "lookahead", "gamma", "lambda_gt", "batch_decisions")
+               if getattr(cfg, k) is not None}
+    if cfg.controller_lr is not None:
+        expo_kw["lr"] = cfg.controller_lr
+    expo = exposure.make_exposure(cfg.exposure, alpha=cfg.alpha, total_steps=cfg.steps, seed=cfg.seed, **expo_kw)
+
+    start_step, n_skipped = 0, 0
+    if resume_state is not None:
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        expo.load_state_dict(resume_state["exposure"])
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        random.setstate(resume_state["rng"]["python"])
+        start_step, n_skipped = resume_state["step"], resume_state["n_skipped"]
+
+    # ---- rollout engine (one per rank); seeds differ per rank and per step (departure 4)
+    backend = rollout.default_backend() if cfg.rollout == "auto" else cfg.rollout
+    engine = None
+    if cfg.method != "sft":
+        engine = rollout.make_rollout(
+            backend, model=student, model_path=start_path, tokenizer=tok, seed=cfg.seed + rank,
+            dtype=cfg.dtype, max_model_len=4096, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            tensor_parallel_size=cfg.vllm_tensor_parallel_size, enable_sleep_mode=cfg.vllm_sleep)
+        if resume_state is not None:
+            engine.sync_weights(student)
+
+    # ---- logging (rank 0 only)
+    log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if master:
+        keep = []
+        if resume_state is not None and os.path.exists(log_path):
+            with open(log_path) as f:  # drop lines from steps after the checkpoint: they are redone
+                keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= start_step]
+        with open(log_path, "w") as f:
+            f.writelines(keep)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    tb, wb = open_loggers(cfg, master)
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not master, desc=f"{cfg.method}/{cfg.exposure}",
+               dynamic_ncols=True)
+
+    for step in range(start_step, cfg.steps):
+        t_step = time.time()
+        timings = {}
+        # ---- 1. problems for this step, and the exposure the teacher gets
+        my_rows = step_rows(rows, cfg, step, rank, world)
+        alpha = expo.alpha_for_step(step)
+        G = cfg.samples_per_prompt
+
+        # ---- 2. rollout: the student samples its own answers (token ids in, token ids out)
+        t0 = time.time()
+        s_prompt_ids = [teacherlib.student_prompt_ids(tok, r["problem"], enable_thinking=cfg.student_thinking)
+                        for r in my_rows]
+        batch, rewards = [], []
+        if cfg.method == "sft":
+            for r, p in zip(my_rows, s_prompt_ids):
+                resp = tok(r["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                batch.append({"student_prompt": p, "response": resp[: cfg.max_new_tokens], "answer": r["answer"]})
+        else:
+            if cfg.vllm_sleep:
+                engine.wake_up()
+            with autocast():  # the hf backend samples from the live fp32 model: bf16 matmuls here too
+                samples = engine.generate(s_prompt_ids, n=G, max_new_tokens=cfg.max_new_tokens,
+                                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                          seed=cfg.seed + 1_000_003 * step + 7919 * rank)
+            if cfg.vllm_sleep:
+                engine.sleep()
+            for smp in samples:
+                r = my_rows[smp.prompt_index]
+                text = tok.decode(smp.token_ids, skip_special_tokens=True)
+                rewards.append(float(evaluate.check_answer(text, r["answer"])))
+                batch.append({"student_prompt": s_prompt_ids[smp.prompt_index], "response": list(smp.token_ids),
+                              "answer": r["answer"], "row": r, "truncated": smp.truncated})
+        batch = [b for b in batch if len(b["response"]) > 0]
+        timings["rollout"] = time.time() - t0
+
+        # ---- 3. rewards -> group advantages (GRPO and the token-advantage form)
+        if (cfg.method == "grpo" or (cfg.method == "dasd_adv" and G > 1)) and rewards:
+            adv = losses.grpo_advantages(torch.tensor(rewards), G).tolist()
+            for b, a in zip(batch, adv):
+                b["adv"] = a
+        # ---- 4. teacher context: the problem plus the revealed part of the reference
+        if teacher_model is not None:
+            for b in batch:
+                r = b["row"]
+                b["teacher_prompt"] = teacherlib.teacher_prompt_ids(
+                    tok, r["problem"], r["solution"], r["answer"], alpha=alpha, enable_thinking=cfg.teacher_thinking)
+
+        # ---- 5. loss over the global batch: token mean over every rank's valid tokens (departure 3)
+        t0 = time.time()
+        n_local = float(sum(len(b["response"]) for b in batch))
+        n_global = all_reduce_sum({"n": n_local}, device, ddp)["n"]
+        opt.zero_grad(set_to_none=True)
+        sums = {}
+        mbs = chunks(batch, cfg.micro_batch)
+        for i, mb in enumerate(mbs):
+            # DDP all-reduces gradients on the last backward only
+            sync = (not ddp) or cfg.fsdp or i == len(mbs) - 1
+            ctx = train_model.no_sync() if (ddp and not cfg.fsdp and not sync) else nullcontext()
+            with ctx:
+                loss, n_mb, m = microbatch_loss(cfg, train_model, teacher_model, lm_head, tok, mb, alpha, autocast)
+                if step == cfg.inject_nan_at_step:
+                    loss = loss * float("nan")
+                # DDP averages gradients over ranks, hence the factor world: sum over ranks of
+                # (local token sum / global count) is the global token mean
+                (loss * (n_mb / max(n_global, 1.0)) * world).backward()
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n_mb
+            sums["loss/total"] = sums.get("loss/total", 0.0) + loss.item() * n_mb
+        timings["train"] = time.time() - t0
+
+        # ---- 6. clip, guard, step
+        grads = [p.grad for p in student.parameters() if p.grad is not None]
+        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        finite = math.isfinite(float(gnorm)) and all(math.isfinite(v) for v in sums.values())
+        finite = all_reduce_sum({"ok": float(finite)}, device, ddp)["ok"] == world
+        if finite and grads:
+            opt.step()
+        else:
+            n_skipped += 1  # never write NaN weights: the step is skipped, the weights are untouched
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+        # ---- 7. keep the rollout engine on-policy and the EMA teacher moving
+        t0 = time.time()
+        if engine is not None and finite:
+            engine.sync_weights(student)
+        if cfg.teacher == "ema" and teacher_model is not None and finite:
+            teacherlib.ema_update(teacher_model, unwrap(student), cfg.ema_decay)
+        timings["sync"] = time.time() - t0
+
+        # ---- 8. metrics: all-reduced token sums -> global token means
+        t0 = time.time()
+        alp = 0.0
+        if cfg.exposure == "atesd" and teacher_model is not None:
+            alp = teacher_answer_logprob(cfg, teacher_model, tok, batch, alpha, autocast)
+        glob = all_reduce_sum({**sums, "n_tok": n_local, "n_seq": float(len(batch)), "answer_logprob": alp,
+                               "correct": float(sum(rewards)), "n_rollouts": float(len(rewards)),
+                               "truncated": float(sum(b.get("truncated", False) for b in batch))}, device, ddp)
+        rec = {"step": step + 1}
+        for k, v in glob.items():
+            if "/" in k:
+                rec[k] = v / max(glob["n_tok"], 1.0)  # token-weighted means
+        if cfg.exposure == "atesd" and teacher_model is not None:
+            rec["teacher/answer_logprob"] = glob["answer_logprob"] / max(glob["n_seq"], 1.0)
+
+        # ---- 9. exposure controller: observe this step; its decision is rewarded L steps later.
+        # l = the method's own loss (what the student is learning to lower), mismatch = unclipped
+        # KL(p_T || p_S), probe = the student's NLL of its own samples (see README, "ATESD state")
+        expo.report(step, loss=rec.get("loss/total", 0.0), answer_logprob=rec.get("teacher/answer_logprob", 0.0),
+                    mismatch=rec.get("kl/teacher_student", 0.0), probe_nll=rec.get("student/nll", 0.0),
+                    confidence=rec.get("student/confidence", 0.0))
+        timings["controller"] = time.time() - t0
+        dt = time.time() - t_step
+        rec.update({
+            "rollout/accuracy": glob["correct"] / max(glob["n_rollouts"], 1.0) if glob["n_rollouts"] else None,
+            "rollout/truncated": glob["truncated"] / max(glob["n_seq"], 1.0),
+            "rollout/response_len": glob["n_tok"] / max(glob["n_seq"], 1.0),
+            "train/grad_norm": float(gnorm), "train/lr": sched.get_last_lr()[0], "train/skipped_steps": n_skipped,
+            "train/tokens_per_s": glob["n_tok"] / dt, "exposure/alpha_used": alpha,
+            **{f"time/{k}": v for k, v in timings.items()}, "time/step": dt,
+        })
+        rec.update(expo.metrics())
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            log_extra(tb, wb, rec)
+            bar.set_postfix({"loss": f"{rec.get('loss/total', 0):.4f}", "acc": rec["rollout/accuracy"],
+                             "alpha": f"{alpha:.2f}"}, refresh=False)
+        bar.update(1)
+
+        # ---- 10. checkpoint (all ranks join the collective gather under FSDP; rank 0 writes)
+        done = step + 1
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+            if master:
+                save_checkpoint(cfg, done, train_model, teacher_model, tok, opt, sched, expo, n_skipped, ckpt_dir)
+            elif cfg.fsdp:
+                full_state_dict(train_model)
+            if ddp:
+                dist.barrier()
+
+    bar.close()
+    if engine is not None and hasattr(engine, "shutdown"):
+        engine.shutdown()  # frees the vLLM engine (and only a process group that vLLM itself created)
+    if master:
+        final = os.path.join(cfg.out_dir, "final")
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(os.path.join(cfg.out_dir, "ckpt", "model"), final)
+        print(f"final model: {final}\nmetrics:     {log_path}")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+class nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def open_loggers(cfg, master):
+    tb = wb = None
+    if master and cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
+        except ImportError:
+            print("tensorboard is not installed; logging to metrics.jsonl only", file=sys.stderr)
+    if master and cfg.wandb:
+        try:
+            import wandb
+
+            wb = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
+        except ImportError:
+            print("wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
+    return tb, wb
+
+
+def log_extra(tb, wb, rec):
+    nums = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
+    if tb is not None:
+        for k, v in nums.items():
+            tb.add_scalar(k, v, rec["step"])
+    if wb is not None:
+        wb.log(nums, step=rec["step"])
+
+
+if __name__ == "__main__":
+    main()
