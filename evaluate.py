@@ -33,7 +33,8 @@ Choices (the papers are silent on these; each is ours):
     \\boxed{\\frac{1}{2}} gives \\frac{1}{2}; `\\boxed 5` (no braces) takes the next token. A box whose
     braces never close (a truncated response) is skipped.
  2. Fallback when there is no box (on by default, `--no_fallback` turns it off): the math span or
-    number right after the last "answer is" / "answer:", i.e. an answer the model declared. Small
+    number right after the last "answer is" / "answer:" (after the last "=" if that sentence is an
+    equation: "the answer is 10 + 2 = 12" gives 12), i.e. an answer the model declared. Small
     models seldom box their answers; the report gives the strict no-box rate beside the no-answer
     rate, so the fallback's effect can be read off. We do NOT take "the last number in the text":
     on truncated responses of the embedded model it scored list numbering ("2. Compute ...") as
@@ -130,7 +131,10 @@ def _fallback_answer(text):
     span = _MATH_SPAN.match(rest)
     if span and span.group(1).strip():
         return span.group(1).strip()
-    num = _NUMBER.match(rest[:200])  # the number must come right after the phrase
+    clause = re.split(r"(?<!\d)\.(?!\d)|\n", rest[:200], maxsplit=1)[0]  # up to the end of the sentence
+    if "=" in clause:  # "the answer is 10 + 2 = 12": the result, after the last "="
+        rest = clause.rsplit("=", 1)[1].lstrip()
+    num = _NUMBER.match(rest[:200])  # the number must come right after the phrase (or the "=")
     return num.group(0).replace(" ", "") if num else None
 
 

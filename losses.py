@@ -356,8 +356,51 @@ class _AttachGrad(torch.autograd.Function):
         return None, grad_hidden, grad_weight, None, None
 
 
+def _rowdot(a, b):
+    """sum_v a[r, v] * b[r, v] for every row, without an (R, V) temporary. (R, V), (R, V) -> (R,)"""
+    return torch.linalg.vecdot(a, b)
+
+
+def _divergence_and_w(logp_s, logp_t, p_s, p_t, *, beta, clip):
+    """Per-row divergence D and w = -dD/dlog p_S(v) per entry, the gradient written out by hand.
+
+    logp_s, logp_t, p_s, p_t: (R, V) float, finite logs (rows of h W^T are finite, so no -inf here).
+    Returns (D (R,), w (R, V), kl (R,) unclipped forward KL when it comes for free (beta = 0), else None).
+    May overwrite p_t. Each summand s_v depends on log p_S(v) only, so dD/dlog p_S(v) = ds_v/dlog p_S(v):
+      beta = 0:  s = p_T (log p_T - log p_S)          ds/dlog p_S = -p_T
+      beta = 1:  s = p_S (log p_S - log p_T)          ds/dlog p_S = p_S (log p_S - log p_T) + p_S
+      else:      s = beta p_T (log p_T - log m) + (1-beta) p_S (log p_S - log m)
+                 ds/dlog p_S = (1-beta) p_S (log p_S - log m)   (the d log m terms cancel: m = beta p_T + (1-beta) p_S)
+    The per-entry clip min(s_v, clip) keeps ds_v where s_v <= clip and zeroes it above (as clamp's gradient does).
+    """
+    kl = None
+    if beta == 0.0:
+        terms = (logp_t - logp_s).mul_(p_t)  # (R, V)
+        kl = terms.sum(-1)  # (R,) the logged unclipped KL(p_T || p_S), free here
+        w = p_t  # (R, V)
+    elif beta == 1.0:
+        terms = (logp_s - logp_t).mul_(p_s)  # (R, V)
+        w = -(terms + p_s)  # (R, V)
+    else:
+        logm = torch.logaddexp(logp_s + math.log(1.0 - beta), logp_t + math.log(beta))  # (R, V)
+        terms = beta * p_t * (logp_t - logm) + (1.0 - beta) * p_s * (logp_s - logm)  # (R, V)
+        w = (1.0 - beta) * p_s * (logm - logp_s)  # (R, V)
+    if clip is not None:
+        w = w.mul_(terms <= clip)  # a clipped entry is flat: no gradient from it
+        terms = terms.clamp_(max=clip)
+    return terms.sum(-1), w, kl
+
+
+def _segments(c0, c1, step, cuts):
+    """Row ranges [r0, r1) of at most step rows covering [c0, c1), never crossing a row index in cuts."""
+    edges = sorted({c0, c1, *[c for c in cuts if c0 < c < c1]})
+    for a, b in zip(edges[:-1], edges[1:]):
+        for r0 in range(a, b, step):
+            yield r0, min(r0 + step, b)
+
+
 def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden, teacher_lm_head_weight, mask, *,
-                         method="opsd", chunk_size=128, math_rows=16, beta=0.0, clip=0.05, temperature=1.0,
+                         method="opsd", chunk_size=256, math_rows=16, beta=0.0, clip=0.05, temperature=1.0,
                          push_fraction=0.2, soft=True, push_weight=1.0, push_margin=0.1):
     """opsd_loss / dasd_loss on logits = hidden @ W.T, never holding more than chunk_size x V logits.
 
@@ -365,85 +408,131 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
     tokens; student_lm_head_weight: (V, H); teacher_hidden: (B, T, H_t); teacher_lm_head_weight: (V, H_t);
     mask: (B, T). Gradients reach student_hidden and student_lm_head_weight; the teacher side is a constant.
     chunk_size: token rows per lm_head matmul (C x V logits in the model dtype); math_rows: rows of float32
-    softmax math at a time inside a chunk (its temporaries, ~10 x math_rows x V floats, are the bulk of memory).
+    softmax math at a time inside a chunk (its temporaries, ~6 x math_rows x V floats, are the bulk of memory).
     Returns (loss, metrics) with the same keys as the plain functions. One backward pass per call.
+
+    Same values and gradients as the plain path (tests check it to 1e-12 in float64), but the gradient of the
+    logits is written out by hand instead of asking autograd: with w = -dL/dlog p_S (see _divergence_and_w),
+        dL/dz = (p_S * sum_v w - w) / temperature          (the softmax Jacobian applied to -w)
+    which takes a few elementwise passes over each row instead of autograd's recorded graph, and gives the logged
+    entropy and unclipped KL from quantities the loss already needs.
     """
     assert method in ("opsd", "dasd")
     B, T, H = student_hidden.shape
     W_s, W_t = student_lm_head_weight, teacher_lm_head_weight.detach()  # teacher is a constant
     valid = mask.bool().reshape(-1)  # (B*T,)
     idx = valid.nonzero().squeeze(1)  # (N,) padding rows are skipped entirely: they add nothing to loss or grad
-    # detached: we compute the gradient ourselves; cast to the weight's dtype so the matmuls run in one dtype
-    h_s = student_hidden.detach().reshape(B * T, H)[idx].to(W_s.dtype)  # (N, H)
-    h_t = teacher_hidden.detach().reshape(B * T, -1)[idx].to(W_t.dtype)  # (N, H_t)
     N = idx.numel()
     inv_n = 1.0 / max(N, 1)  # token mean: d(loss)/d(token loss) = 1/N, known before any chunk is seen
-    chunks = [(i, min(i + chunk_size, N)) for i in range(0, N, chunk_size)]
-    fdtype = torch.promote_types(h_s.dtype, torch.float32)  # dtype of the softmax math
+    fdtype = torch.promote_types(W_s.dtype, torch.float32)  # dtype of the softmax math (logits are in W's dtype)
+    dev = student_hidden.device
 
-    if method == "dasd":  # the router needs every entropy of a sequence first: one no-grad pass
-        ent = torch.zeros(B * T, dtype=fdtype, device=h_s.device)  # (B*T,)
-        with torch.no_grad():
-            for c0, c1 in chunks:
-                z_s = h_s[c0:c1] @ W_s.T  # (C, V)
-                for r0 in range(c0, c1, math_rows):
-                    r1 = min(r0 + math_rows, c1)
-                    ent[idx[r0:r1]] = entropy_from_logprobs(logprobs(z_s[r0 - c0:r1 - c0], temperature))  # (R,)
-        gate = entropy_gate(ent.view(B, T), mask, push_fraction=push_fraction, soft=soft).reshape(-1)[idx]  # (N,)
+    def student_logits(h_rows):  # (C, H) -> (C, V) in the model dtype
+        return h_rows.to(W_s.dtype) @ W_s.T
 
-    need_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or W_s.requires_grad)
-    grad_h = torch.zeros_like(h_s) if need_grad and student_hidden.requires_grad else None  # (N, H)
-    grad_W = torch.zeros_like(W_s) if need_grad and W_s.requires_grad else None  # (V, H): the gradient itself
-    sums = {}  # metric name -> running sum over tokens
+    def log_softmax(z):  # (R, V) model dtype -> (R, V) float log-probs, as logprobs() computes them
+        if temperature != 1.0:
+            return torch.log_softmax(z.to(fdtype) / temperature, dim=-1)
+        return torch.log_softmax(z, dim=-1, dtype=fdtype)  # converts inside the kernel: no float copy of z
+
+    h_all = student_hidden.detach().reshape(B * T, H)  # (B*T, H) detached: we compute the gradient ourselves
+    names = ["entropy/student", "kl/teacher_student"]
+    if method == "dasd":
+        names += ["dasd/gate_mean", "dasd/frac_pushed", "loss/pull", "loss/push"]
+    sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in names}  # running sums over tokens
 
     def add(name, values):
-        sums[name] = sums.get(name, 0.0) + values.detach().double().sum()
+        sums[name] += values.double().sum()
 
-    loss = torch.zeros((), dtype=torch.float64, device=h_s.device)
-    for c0, c1 in chunks:
+    # Per-token constants of the loss pass: the weight a_t of each token's divergence in the loss, and which
+    # divergence it uses. OPSD: a_t = 1/N for all. DASD: pull tokens (gate >= 0) a_t = gate/N on D_pull; push
+    # tokens (gate < 0) a_t = -push_weight |gate| / N on min(D_push, margin). Sorting the tokens pull-first makes
+    # each row block of the loss pass one kind only (the loss is a sum over tokens: any order gives the same).
+    n_pull = N
+    if method == "dasd":  # the router needs every entropy of a sequence first: one no-grad pass over the logits
+        ent = torch.zeros(B * T, dtype=fdtype, device=dev)  # (B*T,)
         with torch.no_grad():
-            z_t = h_t[c0:c1] @ W_t.T  # (C, V) teacher logits: no graph at all
-            z_s = h_s[c0:c1] @ W_s.T  # (C, V) student logits, model dtype
-        dz = torch.empty_like(z_s) if need_grad else None  # (C, V) d(loss)/d(logits), model dtype
-        for r0 in range(c0, c1, math_rows):
-            r1 = min(r0 + math_rows, c1)
-            rows = slice(r0 - c0, r1 - c0)  # rows of this chunk
-            logp_t = logprobs(z_t[rows], temperature).to(fdtype)  # (R, V) a constant
-            with torch.enable_grad():
-                # A fresh leaf: autograd only sees these rows' softmax math, which gives d(loss)/d(logits).
-                z = z_s[rows].detach().requires_grad_(need_grad)  # (R, V)
-                logp_s = logprobs(z, temperature).to(fdtype)  # (R, V)
+            for c0 in range(0, N, chunk_size):
+                rows_c = idx[c0:c0 + chunk_size]
+                z_s = student_logits(h_all[rows_c])  # (C, V)
+                for r0 in range(0, rows_c.numel(), math_rows):
+                    logp_s = log_softmax(z_s[r0:r0 + math_rows])  # (R, V)
+                    ent[rows_c[r0:r0 + math_rows]] = -_rowdot(logp_s.exp(), logp_s)  # (R,)
+                del z_s, logp_s
+        gate_all = entropy_gate(ent.view(B, T), mask, push_fraction=push_fraction, soft=soft).reshape(-1)
+        push = gate_all[idx] < 0  # (N,)
+        order = torch.cat([idx[~push], idx[push]])  # (N,) pull tokens first, then push tokens
+        n_pull = int((~push).sum())
+        gate = gate_all[order].to(fdtype)  # (N,)
+        ent = ent[order]  # (N,) reused for the entropy metric
+        add("dasd/gate_mean", gate)
+        add("dasd/frac_pushed", push.float())
+        add("entropy/student", ent)
+    else:
+        order = idx
+
+    h_s = h_all[order]  # (N, H) rows in loss-pass order
+    h_t = teacher_hidden.detach().reshape(B * T, -1)[order]  # (N, H_t)
+    need_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or W_s.requires_grad)
+    want_h = need_grad and student_hidden.requires_grad
+    want_W = need_grad and W_s.requires_grad
+    grad_h = torch.zeros(N, H, dtype=W_s.dtype, device=dev) if want_h else None  # (N, H)
+    grad_W = torch.zeros_like(W_s) if want_W else None  # (V, H): the gradient itself, accumulated per chunk
+
+    loss = torch.zeros((), dtype=torch.float64, device=dev)
+    with torch.no_grad():
+        for c0 in range(0, N, chunk_size):
+            c1 = min(c0 + chunk_size, N)
+            z_t = h_t[c0:c1].to(W_t.dtype) @ W_t.T  # (C, V) teacher logits
+            z_s = student_logits(h_s[c0:c1])  # (C, V) student logits, model dtype
+            dz = torch.empty_like(z_s) if need_grad else None  # (C, V) d(loss)/d(logits), model dtype
+            for r0, r1 in _segments(c0, c1, math_rows, [n_pull]):
+                rows = slice(r0 - c0, r1 - c0)  # rows of this chunk
+                logp_s = log_softmax(z_s[rows])  # (R, V)
+                logp_t = log_softmax(z_t[rows])  # (R, V) a constant
+                p_s, p_t = logp_s.exp(), logp_t.exp()  # (R, V)
+                if method == "opsd" or r0 >= n_pull:  # metrics that the loss below may not give for free
+                    if method == "opsd":
+                        add("entropy/student", -_rowdot(p_s, logp_s))
+                    if beta != 0.0 or r0 >= n_pull:
+                        add("kl/teacher_student", _rowdot(p_t, logp_t) - _rowdot(p_t, logp_s))
                 if method == "opsd":
-                    loss_t = divergence_from_logprobs(logp_s, logp_t, beta=beta, clip=clip)  # (R,)
-                else:
-                    g = gate[r0:r1].to(fdtype)  # (R,)
-                    loss_t, pull_t, push_t = dasd_token_loss(logp_s, logp_t, g, beta=beta, clip=clip,
-                                                             push_weight=push_weight, push_margin=push_margin)
-                    add("loss/pull", pull_t)
+                    d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=beta, clip=clip)  # (R,), (R, V)
+                    a = torch.full_like(d, inv_n)  # (R,) d(loss)/d(D_t)
+                    loss_t = d
+                elif r0 < n_pull:  # DASD pull rows
+                    g = gate[r0:r1]  # (R,) >= 0
+                    d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=beta, clip=clip)
+                    a = g * inv_n
+                    loss_t = g * d
+                    add("loss/pull", loss_t)
+                else:  # DASD push rows: JSD, capped at the margin, with zero gradient past it
+                    g = -gate[r0:r1]  # (R,) > 0
+                    d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=0.5, clip=None)  # kl: None
+                    push_t = push_weight * g * d.clamp(max=push_margin)  # (R,)
+                    a = torch.where(d <= push_margin, -push_weight * g * inv_n, 0.0)  # flat past the margin
+                    loss_t = -push_t
                     add("loss/push", push_t)
-                    add("dasd/gate_mean", g)
-                    add("dasd/frac_pushed", (g < 0).float())
-                rows_loss = loss_t.sum() * inv_n
+                if kl is not None:
+                    add("kl/teacher_student", kl)
+                loss += loss_t.double().sum() * inv_n
                 if need_grad:
-                    dz[rows] = torch.autograd.grad(rows_loss, z)[0]  # (R, V) cast to the model dtype on copy
-            loss += rows_loss.detach()
-            with torch.no_grad():  # diagnostics, as in the plain path
-                logp_s = logp_s.detach()
-                add("entropy/student", entropy_from_logprobs(logp_s))
-                add("kl/teacher_student", divergence_from_logprobs(logp_s, logp_t, beta=0.0))
-            del z, logp_s, logp_t  # free these rows' float32 tensors before the next ones
-        if need_grad:
-            with torch.no_grad():
-                if grad_h is not None:
+                    # dL/dz = a (p_S sum(w) - w) / temperature, written straight into the model-dtype buffer
+                    a = (a / temperature)[:, None]  # (R, 1)
+                    sum_w = w.sum(-1, keepdim=True)  # (R, 1)
+                    torch.addcmul(w.mul_(-a), p_s, a * sum_w, out=dz[rows])  # -a w + a sum(w) p_S
+                del logp_s, logp_t, p_s, p_t, w
+            if need_grad:
+                if want_h:
                     grad_h[c0:c1] = dz @ W_s  # (C, H)   since z = h W^T:  dL/dh = dL/dz W
-                if grad_W is not None:
-                    grad_W.addmm_(dz.T, h_s[c0:c1])  # (V, H)  dL/dW += dL/dz^T h, accumulated in W's dtype
-        del z_s, z_t, dz
+                if want_W:
+                    grad_W.addmm_(dz.T, h_s[c0:c1].to(W_s.dtype))  # (V, H)  dL/dW += dL/dz^T h, in W's dtype
+            del z_s, z_t, dz
 
     grad_hidden = None
-    if grad_h is not None:
+    if want_h:
         grad_hidden = torch.zeros_like(student_hidden).reshape(B * T, H)  # (B*T, H), 0 at padding
-        grad_hidden[idx] = grad_h.to(grad_hidden.dtype)
+        grad_hidden[order] = grad_h.to(grad_hidden.dtype)
         grad_hidden = grad_hidden.view(B, T, H)
     loss = loss.to(fdtype)
     if need_grad:

@@ -116,6 +116,8 @@ EXTRACTION = [
     ("the answer is below. 7", None, None),  # the number must follow the phrase
     ("The answer is 5. No wait, the answer is 6", None, "6"),
     ("The final answer is: **12**", None, "12"),
+    ("So the final answer is 2 + 2 = 4. Then 7", None, "4"),
+    ("the answer is 1.5 and 3 = 3", None, "3"),  # one sentence: the number after its last "="
     ("Answer: $x = 4$", None, "x = 4"),
     ("I do not know.", None, None),
 ]

@@ -69,7 +69,13 @@ def test_each_method_and_exposure_runs(tmp_path, embedded_dir, method, expo):
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert trained.config.vocab_size == 49152
     w0, w1 = weights(embedded_dir), weights(tmp_path / "final")
-    assert any(not torch.equal(w0[k].float(), w1[k].float()) for k in w0 if k in w1)
+    changed = any(not torch.equal(w0[k].float(), w1[k].float()) for k in w0 if k in w1)
+    if method == "grpo":
+        # GRPO learns only from groups whose rewards differ; the weak base model usually scores 0 on all
+        # samples, and then the advantages, the gradient and the update are exactly zero
+        assert changed == any(r["train/grad_norm"] > 0 for r in m)
+    else:
+        assert changed
 
 
 def test_torchrun_two_processes_dasd_atesd(tmp_path, embedded_dir):
