@@ -30,8 +30,14 @@ endif
 	$(PY) -c "import model; print('embedded model:', model.embedded_model_dir())"
 	touch $(STAMP)
 
+# The main job on the embedded default: DASD + ATESD on SmolLM2-135M-Instruct, then the base and the
+# trained model side by side on the embedded test split (report, samples, Pass@k and training plots).
+DEMO_OUT ?= runs/demo
 demo: $(STAMP)
-	$(PY) demo.py
+	$(PY) train.py --method dasd --exposure atesd --steps 12 --prompts_per_step 8 --max_new_tokens 128 \
+		--lr 1e-5 --save_every 4 --out_dir $(DEMO_OUT)/train $(if $(wildcard $(DEMO_OUT)/train/ckpt),--resume)
+	$(PY) evaluate.py --model embedded --model $(DEMO_OUT)/train/final --n_problems 30 --k 4 \
+		--max_new_tokens 160 --out $(DEMO_OUT)/eval --plot_train $(DEMO_OUT)/train/metrics.jsonl
 
 test: $(STAMP)
 	$(PY) -m pytest -q || [ $$? -eq 5 ]  # exit code 5: no tests collected

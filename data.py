@@ -50,7 +50,6 @@ Example:
 
 import hashlib
 import json
-import math
 import os
 import random
 import re

@@ -54,9 +54,13 @@ Departures and choices where the papers are silent:
   8. GRPO std is the population std (a group of one gives advantage 0, not nan).
   9. chunked_distill_loss computes each chunk's gradient during the forward pass (loss is a sum over tokens and
      the router's gate is a constant), so the full (N, V) logits never exist, forward or backward, and no
-     matmul is recomputed for OPSD; DASD adds one no-grad pass for the entropies the router needs. Inside a
-     chunk the float32 softmax math runs math_rows rows at a time (it makes ~10 temporaries per row), while
-     the lm_head matmuls keep chunk_size rows (a wide matmul, and fewer passes over the (V, H) gradient).
+     matmul is recomputed for OPSD; DASD adds one no-grad pass for the entropies the router needs (and keeps
+     each token's log-sum-exp from it, so the loss pass gets log p_S with one subtraction). The gradient of the
+     logits is written out by hand (dL/dz = (p_S sum(w) - w) / temp, w = -dL/dlog p_S; see _divergence_and_w)
+     rather than taken from autograd, and the logged entropy and unclipped KL reuse the loss's own tensors:
+     about 15 elementwise passes per row. Inside a chunk the float32 math runs math_rows rows at a time in
+     work buffers allocated once; the lm_head matmuls keep chunk_size rows (a wide matmul, fewer passes over
+     the (V, H) gradient). The per-token factor of the gradient is applied to the (C, H) side of the matmuls.
      The weight gradient is accumulated in the weight's dtype (bf16 rounding per chunk for a bf16 model).
 
 Run the demo:
@@ -356,17 +360,18 @@ class _AttachGrad(torch.autograd.Function):
         return None, grad_hidden, grad_weight, None, None
 
 
-def _rowdot(a, b):
-    """sum_v a[r, v] * b[r, v] for every row, without an (R, V) temporary. (R, V), (R, V) -> (R,)"""
-    return torch.linalg.vecdot(a, b)
+def _rowdot(a, b, tmp):
+    """sum_v a[r, v] * b[r, v] for every row, the products written into the work buffer tmp. (R, V) x 3 -> (R,)"""
+    return torch.mul(a, b, out=tmp).sum(-1)
 
 
-def _divergence_and_w(logp_s, logp_t, p_s, p_t, *, beta, clip):
+def _divergence_and_w(logp_s, logp_t, p_s, p_t, *, beta, clip, out):
     """Per-row divergence D and w = -dD/dlog p_S(v) per entry, the gradient written out by hand.
 
     logp_s, logp_t, p_s, p_t: (R, V) float, finite logs (rows of h W^T are finite, so no -inf here).
     Returns (D (R,), w (R, V), kl (R,) unclipped forward KL when it comes for free (beta = 0), else None).
-    May overwrite p_t. Each summand s_v depends on log p_S(v) only, so dD/dlog p_S(v) = ds_v/dlog p_S(v):
+    out: an (R, V) work buffer for the summands (beta = 0). May overwrite p_t (then w is p_t).
+    Each summand s_v depends on log p_S(v) only, so dD/dlog p_S(v) = ds_v/dlog p_S(v):
       beta = 0:  s = p_T (log p_T - log p_S)          ds/dlog p_S = -p_T
       beta = 1:  s = p_S (log p_S - log p_T)          ds/dlog p_S = p_S (log p_S - log p_T) + p_S
       else:      s = beta p_T (log p_T - log m) + (1-beta) p_S (log p_S - log m)
@@ -375,7 +380,7 @@ def _divergence_and_w(logp_s, logp_t, p_s, p_t, *, beta, clip):
     """
     kl = None
     if beta == 0.0:
-        terms = (logp_t - logp_s).mul_(p_t)  # (R, V)
+        terms = torch.sub(logp_t, logp_s, out=out).mul_(p_t)  # (R, V)
         kl = terms.sum(-1)  # (R,) the logged unclipped KL(p_T || p_S), free here
         w = p_t  # (R, V)
     elif beta == 1.0:
@@ -408,7 +413,7 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
     tokens; student_lm_head_weight: (V, H); teacher_hidden: (B, T, H_t); teacher_lm_head_weight: (V, H_t);
     mask: (B, T). Gradients reach student_hidden and student_lm_head_weight; the teacher side is a constant.
     chunk_size: token rows per lm_head matmul (C x V logits in the model dtype); math_rows: rows of float32
-    softmax math at a time inside a chunk (its temporaries, ~6 x math_rows x V floats, are the bulk of memory).
+    softmax math at a time inside a chunk (five math_rows x V float work buffers, reused by every block).
     Returns (loss, metrics) with the same keys as the plain functions. One backward pass per call.
 
     Same values and gradients as the plain path (tests check it to 1e-12 in float64), but the gradient of the
@@ -427,13 +432,28 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
     fdtype = torch.promote_types(W_s.dtype, torch.float32)  # dtype of the softmax math (logits are in W's dtype)
     dev = student_hidden.device
 
-    def student_logits(h_rows):  # (C, H) -> (C, V) in the model dtype
-        return h_rows.to(W_s.dtype) @ W_s.T
+    # The two (C, V) logits buffers are allocated once and refilled by every chunk (torch.mm(out=...)): fresh
+    # buffers per chunk would cost the operating system's page faults on 2 x C x V new memory each time.
+    C_max = min(chunk_size, N)
+    buf_s = torch.empty(C_max, W_s.shape[0], dtype=W_s.dtype, device=dev)  # (C, V)
+    buf_t = torch.empty(C_max, W_t.shape[0], dtype=W_t.dtype, device=dev) if N else None  # (C, V)
 
-    def log_softmax(z):  # (R, V) model dtype -> (R, V) float log-probs, as logprobs() computes them
+    def student_logits(h_rows):  # (C, H) -> (C, V) in the model dtype, in buf_s
+        return torch.mm(h_rows.to(W_s.dtype), W_s.T, out=buf_s[:h_rows.shape[0]])
+
+    def log_softmax(z, out):  # (R, V) model dtype -> (R, V) float log-probs in out, as logprobs() computes them
         if temperature != 1.0:
-            return torch.log_softmax(z.to(fdtype) / temperature, dim=-1)
-        return torch.log_softmax(z, dim=-1, dtype=fdtype)  # converts inside the kernel: no float copy of z
+            return torch.log_softmax(z.to(fdtype) / temperature, dim=-1, out=out)
+        return torch.log_softmax(z, dim=-1, dtype=fdtype, out=out)
+
+    # (R, V) float work buffers, allocated once and reused by every row block: allocating and freeing them per
+    # block makes the C library hand the memory back to the operating system and fault it in again each time.
+    work_bufs = {}
+
+    def work(name, R):
+        if name not in work_bufs:
+            work_bufs[name] = torch.empty(min(math_rows, N), W_s.shape[0], dtype=fdtype, device=dev)
+        return work_bufs[name][:R]
 
     h_all = student_hidden.detach().reshape(B * T, H)  # (B*T, H) detached: we compute the gradient ourselves
     names = ["entropy/student", "kl/teacher_student"]
@@ -451,20 +471,28 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
     n_pull = N
     if method == "dasd":  # the router needs every entropy of a sequence first: one no-grad pass over the logits
         ent = torch.zeros(B * T, dtype=fdtype, device=dev)  # (B*T,)
+        lse = torch.zeros(B * T, dtype=fdtype, device=dev)  # (B*T,) student log-sum-exp per token
         with torch.no_grad():
             for c0 in range(0, N, chunk_size):
                 rows_c = idx[c0:c0 + chunk_size]
                 z_s = student_logits(h_all[rows_c])  # (C, V)
                 for r0 in range(0, rows_c.numel(), math_rows):
-                    logp_s = log_softmax(z_s[r0:r0 + math_rows])  # (R, V)
-                    ent[rows_c[r0:r0 + math_rows]] = -_rowdot(logp_s.exp(), logp_s)  # (R,)
-                del z_s, logp_s
+                    rows = rows_c[r0:r0 + math_rows]
+                    R = rows.numel()
+                    logp_s = log_softmax(z_s[r0:r0 + math_rows], work("logp_s", R))  # (R, V)
+                    p_s = torch.exp(logp_s, out=work("p_s", R))  # (R, V)
+                    ent[rows] = -_rowdot(p_s, logp_s, work("tmp", R))  # (R,)
+                    # keep log-sum-exp(z/temp) = z/temp - log p_S, read off entry 0: the loss pass then gets
+                    # log p_S = z/temp - lse in one subtraction instead of a second log_softmax
+                    lse[rows] = z_s[r0:r0 + math_rows, 0].to(fdtype) / temperature - logp_s[:, 0]  # (R,)
+                del logp_s, p_s
         gate_all = entropy_gate(ent.view(B, T), mask, push_fraction=push_fraction, soft=soft).reshape(-1)
         push = gate_all[idx] < 0  # (N,)
         order = torch.cat([idx[~push], idx[push]])  # (N,) pull tokens first, then push tokens
         n_pull = int((~push).sum())
         gate = gate_all[order].to(fdtype)  # (N,)
         ent = ent[order]  # (N,) reused for the entropy metric
+        lse = lse[order]  # (N,)
         add("dasd/gate_mean", gate)
         add("dasd/frac_pushed", push.float())
         add("entropy/student", ent)
@@ -476,39 +504,49 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
     need_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or W_s.requires_grad)
     want_h = need_grad and student_hidden.requires_grad
     want_W = need_grad and W_s.requires_grad
-    grad_h = torch.zeros(N, H, dtype=W_s.dtype, device=dev) if want_h else None  # (N, H)
-    grad_W = torch.zeros_like(W_s) if want_W else None  # (V, H): the gradient itself, accumulated per chunk
+    grad_h = torch.zeros(N, H, dtype=fdtype, device=dev) if want_h else None  # (N, H)
+    grad_W = None  # (V, H): the gradient itself, created by the first chunk and accumulated over the others
 
     loss = torch.zeros((), dtype=torch.float64, device=dev)
     with torch.no_grad():
         for c0 in range(0, N, chunk_size):
             c1 = min(c0 + chunk_size, N)
-            z_t = h_t[c0:c1].to(W_t.dtype) @ W_t.T  # (C, V) teacher logits
+            z_t = torch.mm(h_t[c0:c1].to(W_t.dtype), W_t.T, out=buf_t[:c1 - c0])  # (C, V) teacher logits
             z_s = student_logits(h_s[c0:c1])  # (C, V) student logits, model dtype
-            dz = torch.empty_like(z_s) if need_grad else None  # (C, V) d(loss)/d(logits), model dtype
+            # d(loss)/d(logits) / scale, (C, V) in the model dtype, is written over z_s row block by row block
+            # (a block's logits are not needed once its log-probs exist): no third (C, V) buffer
+            dz = z_s
+            scale = torch.zeros(c1 - c0, dtype=fdtype, device=dev)  # (C,) per-row factor of dz
             for r0, r1 in _segments(c0, c1, math_rows, [n_pull]):
                 rows = slice(r0 - c0, r1 - c0)  # rows of this chunk
-                logp_s = log_softmax(z_s[rows])  # (R, V)
-                logp_t = log_softmax(z_t[rows])  # (R, V) a constant
-                p_s, p_t = logp_s.exp(), logp_t.exp()  # (R, V)
+                R = r1 - r0
+                if method == "dasd":  # log p_S = z/temp - lse, with the lse of the entropy pass
+                    z = z_s[rows] if temperature == 1.0 else z_s[rows].to(fdtype) / temperature
+                    logp_s = torch.sub(z, lse[r0:r1, None], out=work("logp_s", R))  # (R, V) float
+                else:
+                    logp_s = log_softmax(z_s[rows], work("logp_s", R))  # (R, V)
+                logp_t = log_softmax(z_t[rows], work("logp_t", R))  # (R, V) a constant
+                p_s = torch.exp(logp_s, out=work("p_s", R))  # (R, V)
+                p_t = torch.exp(logp_t, out=work("p_t", R))  # (R, V)
+                tmp = work("tmp", R)  # (R, V)
                 if method == "opsd" or r0 >= n_pull:  # metrics that the loss below may not give for free
                     if method == "opsd":
-                        add("entropy/student", -_rowdot(p_s, logp_s))
+                        add("entropy/student", -_rowdot(p_s, logp_s, tmp))
                     if beta != 0.0 or r0 >= n_pull:
-                        add("kl/teacher_student", _rowdot(p_t, logp_t) - _rowdot(p_t, logp_s))
+                        add("kl/teacher_student", _rowdot(p_t, logp_t, tmp) - _rowdot(p_t, logp_s, tmp))
                 if method == "opsd":
-                    d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=beta, clip=clip)  # (R,), (R, V)
+                    d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=beta, clip=clip, out=tmp)
                     a = torch.full_like(d, inv_n)  # (R,) d(loss)/d(D_t)
                     loss_t = d
                 elif r0 < n_pull:  # DASD pull rows
                     g = gate[r0:r1]  # (R,) >= 0
-                    d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=beta, clip=clip)
+                    d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=beta, clip=clip, out=tmp)
                     a = g * inv_n
                     loss_t = g * d
                     add("loss/pull", loss_t)
                 else:  # DASD push rows: JSD, capped at the margin, with zero gradient past it
                     g = -gate[r0:r1]  # (R,) > 0
-                    d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=0.5, clip=None)  # kl: None
+                    d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=0.5, clip=None, out=tmp)
                     push_t = push_weight * g * d.clamp(max=push_margin)  # (R,)
                     a = torch.where(d <= push_margin, -push_weight * g * inv_n, 0.0)  # flat past the margin
                     loss_t = -push_t
@@ -517,18 +555,25 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
                     add("kl/teacher_student", kl)
                 loss += loss_t.double().sum() * inv_n
                 if need_grad:
-                    # dL/dz = a (p_S sum(w) - w) / temperature, written straight into the model-dtype buffer
-                    a = (a / temperature)[:, None]  # (R, 1)
-                    sum_w = w.sum(-1, keepdim=True)  # (R, 1)
-                    torch.addcmul(w.mul_(-a), p_s, a * sum_w, out=dz[rows])  # -a w + a sum(w) p_S
-                del logp_s, logp_t, p_s, p_t, w
+                    # dL/dz = -(a / temperature) * (w - sum(w) p_S). The bracket is written straight into the
+                    # model-dtype buffer (one pass); the per-row factor is applied to the (C, H) side of the
+                    # matmuls below, which is V / H times smaller than scaling the (C, V) logits' gradient.
+                    w = w.addcmul_(p_s, w.sum(-1, keepdim=True), value=-1.0)  # (R, V) w - sum(w) p_S
+                    dz[rows] = w  # over z_s's rows, cast to the model dtype
+                    scale[rows] = -a / temperature  # (R,)
+                del logp_s, logp_t, p_s, p_t, w, tmp
             if need_grad:
-                if want_h:
-                    grad_h[c0:c1] = dz @ W_s  # (C, H)   since z = h W^T:  dL/dh = dL/dz W
-                if want_W:
-                    grad_W.addmm_(dz.T, h_s[c0:c1].to(W_s.dtype))  # (V, H)  dL/dW += dL/dz^T h, in W's dtype
-            del z_s, z_t, dz
+                if want_h:  # (C, H)   since z = h W^T:  dL/dh = dL/dz W = scale * (dz W)
+                    grad_h[c0:c1] = (dz @ W_s).to(fdtype) * scale[:, None]
+                if want_W:  # (V, H)   dL/dW += dL/dz^T h = dz^T (scale * h), accumulated in W's dtype
+                    h_scaled = (h_s[c0:c1].to(fdtype) * scale[:, None]).to(W_s.dtype)  # (C, H)
+                    if grad_W is None:  # the first chunk writes the buffer: no pass to fill it with zeros
+                        grad_W = dz.T @ h_scaled
+                    else:
+                        grad_W.addmm_(dz.T, h_scaled)
 
+    if want_W and grad_W is None:  # no valid token at all
+        grad_W = torch.zeros_like(W_s)
     grad_hidden = None
     if want_h:
         grad_hidden = torch.zeros_like(student_hidden).reshape(B * T, H)  # (B*T, H), 0 at padding

@@ -36,7 +36,7 @@ Where this file departs from the textbook algorithms (each is a flag):
      ranks use the same alpha without a broadcast.
 """
 
-import copy
+import contextlib
 import dataclasses
 import json
 import math
@@ -46,7 +46,7 @@ import shutil
 import sys
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -676,7 +676,7 @@ def main(argv=None):
         for i, mb in enumerate(mbs):
             # DDP all-reduces gradients on the last backward only
             sync = (not ddp) or cfg.fsdp or i == len(mbs) - 1
-            ctx = train_model.no_sync() if (ddp and not cfg.fsdp and not sync) else nullcontext()
+            ctx = train_model.no_sync() if (ddp and not cfg.fsdp and not sync) else contextlib.nullcontext()
             with ctx:
                 loss, n_mb, m = microbatch_loss(cfg, train_model, teacher_model, lm_head, tok, mb, alpha, autocast)
                 if step == cfg.inject_nan_at_step:
@@ -769,15 +769,8 @@ def main(argv=None):
         print(f"final model: {final}\nmetrics:     {log_path}")
     if ddp:
         dist.barrier()
+        del train_model  # DDP's reducer holds the process group: release it before destroying the group
         dist.destroy_process_group()
-
-
-class nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def open_loggers(cfg, master):

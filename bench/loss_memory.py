@@ -157,7 +157,7 @@ if __name__ == "__main__":
     p.add_argument("--V", type=int, default=151936, help="vocabulary size")
     p.add_argument("--H", type=int, default=2048, help="hidden size")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of hidden states and weights")
-    p.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk of the chunked path")
+    p.add_argument("--chunk-size", type=int, default=256, help="tokens per chunk of the chunked path")
     p.add_argument("--math-rows", type=int, default=16, help="rows of float32 loss math at a time (chunked)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per variant (memory from the first)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (T=256, V=8192, H=256)")

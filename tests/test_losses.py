@@ -456,6 +456,19 @@ def test_chunked_equals_plain_float64(method, chunk_size, math_rows):
 
 
 @pytest.mark.parametrize("method", ["opsd", "dasd"])
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_chunked_equals_plain_float64_clipped_jsd_and_reverse(method, beta):
+    # the chunked path writes each branch's gradient by hand: check the clipped JSD / reverse KL ones too
+    kw = dict(beta=beta, clip=0.02, temperature=0.9)
+    (lp, mp, gp), (lc, mc, gc) = plain_and_chunked(method, torch.float64, 3, 2, **kw)
+    torch.testing.assert_close(lc, lp, rtol=1e-12, atol=1e-12)
+    for a, b in zip(gc, gp):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for k in mp:
+        torch.testing.assert_close(mc[k].double(), mp[k].double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["opsd", "dasd"])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_chunked_equals_plain_float32(method, beta):
     (lp, _, gp), (lc, _, gc) = plain_and_chunked(method, torch.float32, 4, 3, beta=beta, clip=None)

@@ -194,21 +194,40 @@ def test_student_gradients_match_unpadded(tiny_llama):
         torch.testing.assert_close(g_batched[n], p.grad, rtol=1e-9, atol=1e-10)
 
 
-def test_response_forward_through_ddp(tiny_llama, tmp_path):
-    """The student may be wrapped in DistributedDataParallel: only model(...) is called."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
+DDP_SCRIPT = r"""
+import sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from transformers import LlamaConfig, LlamaForCausalLM
+sys.path.insert(0, sys.argv[1])
+import teacher
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+model = LlamaForCausalLM(cfg).float().eval()
+prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+ddp = DistributedDataParallel(model)
+out, mask = teacher.response_forward(ddp, prompts, responses)
+ref, _ = teacher.teacher_logits(model, prompts, responses)
+torch.testing.assert_close(out.detach(), ref)
+(out * mask[..., None]).sum().backward()
+assert all(p.grad is not None for p in model.parameters())
+del ddp  # the reducer holds the process group: release it before the group is destroyed
+dist.destroy_process_group()
+print("ok")
+"""
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdv", rank=0, world_size=1)
-    try:
-        ddp = DistributedDataParallel(tiny_llama)
-        out, mask = teacher.response_forward(ddp, PROMPTS, RESPONSES)
-        ref, _ = teacher.teacher_logits(tiny_llama, PROMPTS, RESPONSES)
-        torch.testing.assert_close(out.detach(), ref)
-        (out * mask[..., None]).sum().backward()
-        assert all(p.grad is not None for p in tiny_llama.parameters())
-    finally:
-        dist.destroy_process_group()
+
+def test_response_forward_through_ddp(tmp_path):
+    """The student may be wrapped in DistributedDataParallel: only model(...) is called. Run in a
+    fresh process, so the process group cannot interact with groups other tests created."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", DDP_SCRIPT, root, str(tmp_path / "rdv")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
 
 
 # ------------------------------------------------------------------ teacher weights
