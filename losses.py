@@ -529,11 +529,11 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
                 p_s = torch.exp(logp_s, out=work("p_s", R))  # (R, V)
                 p_t = torch.exp(logp_t, out=work("p_t", R))  # (R, V)
                 tmp = work("tmp", R)  # (R, V)
-                if method == "opsd" or r0 >= n_pull:  # metrics that the loss below may not give for free
-                    if method == "opsd":
-                        add("entropy/student", -_rowdot(p_s, logp_s, tmp))
-                    if beta != 0.0 or r0 >= n_pull:
-                        add("kl/teacher_student", _rowdot(p_t, logp_t, tmp) - _rowdot(p_t, logp_s, tmp))
+                # logged metrics the loss below does not give for free (DASD has the entropies already)
+                if method == "opsd":
+                    add("entropy/student", -_rowdot(p_s, logp_s, tmp))
+                if beta != 0.0 or r0 >= n_pull:  # forward-KL rows get it from _divergence_and_w
+                    add("kl/teacher_student", _rowdot(p_t, logp_t, tmp) - _rowdot(p_t, logp_s, tmp))
                 if method == "opsd":
                     d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=beta, clip=clip, out=tmp)
                     a = torch.full_like(d, inv_n)  # (R,) d(loss)/d(D_t)
