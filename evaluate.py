@@ -567,8 +567,9 @@ def plot_pass_at_k(results, path):
     plt.close(fig)
 
 
-TRAIN_KEYS = ("loss/total", "loss/pull", "loss/push", "entropy/mean", "dasd/pushed_fraction",
-              "exposure/alpha", "rollout/accuracy")
+# the keys train.py logs (README, "Logged metrics") that a person compares runs by
+TRAIN_KEYS = ("loss/total", "loss/pull", "loss/push", "entropy/student", "kl/teacher_student",
+              "dasd/frac_pushed", "exposure/alpha_used", "teacher/answer_logprob", "rollout/accuracy")
 
 
 def read_metrics(path):

@@ -334,13 +334,13 @@ def test_plot_train_draws_the_keys_that_exist(tmp_path):
     a, b = tmp_path / "opsd" / "metrics.jsonl", tmp_path / "dasd" / "metrics.jsonl"
     a.parent.mkdir()
     b.parent.mkdir()
-    a.write_text("".join(json.dumps({"step": s, "loss/total": 1 / (s + 1), "entropy/mean": 0.5,
+    a.write_text("".join(json.dumps({"step": s, "loss/total": 1 / (s + 1), "entropy/student": 0.5,
                                      "rollout/accuracy": s / 10}) + "\n" for s in range(5)))
     b.write_text("".join(json.dumps({"step": s, "loss/total": 2 / (s + 1), "loss/pull": 0.1, "loss/push": 0.05,
-                                     "dasd/pushed_fraction": 0.2}) + "\n" for s in range(5)) + '{"step": 5, "lo')
+                                     "dasd/frac_pushed": 0.2}) + "\n" for s in range(5)) + '{"step": 5, "lo')
     png = tmp_path / "train_curves.png"
     keys = ev.plot_train([str(a), str(b)], str(png))
-    assert keys == ["loss/total", "loss/pull", "loss/push", "entropy/mean", "dasd/pushed_fraction", "rollout/accuracy"]
+    assert keys == ["loss/total", "loss/pull", "loss/push", "entropy/student", "dasd/frac_pushed", "rollout/accuracy"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ev._labels([str(a), str(b)]) == {str(a): "opsd/metrics.jsonl", str(b): "dasd/metrics.jsonl"}
 
