@@ -354,7 +354,8 @@ def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autoca
         return loss, n.item(), metrics
 
     s_logits = s_out if cfg.chunk_size == 0 else s_out @ lm_head.weight.T
-    extra = student_confidence(s_logits, responses, mask, cfg.temperature)  # token sums, for the controller
+    # the ATESD controller's state features; an extra (B,T,V) softmax, so only when a controller reads them
+    extra = student_confidence(s_logits, responses, mask, cfg.temperature) if cfg.exposure == "atesd" else {}
     if cfg.method == "opsd":
         loss, metrics = losses.opsd_loss(s_logits, t_out, mask, beta=cfg.beta, clip=cfg.clip or None,
                                          temperature=cfg.temperature)
