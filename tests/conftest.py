@@ -31,3 +31,24 @@ def tiny_llama():
         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     return LlamaForCausalLM(cfg).float().eval()
+
+
+# End-to-end runs write checkpoints (model + AdamW state, about 1.5 GB each): a passing test's
+# tmp_path is deleted as soon as it passes, so the suite's disk use stays that of one run at a time
+# (pytest would otherwise keep every folder until the session ends). A failing test keeps its folder.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+@pytest.fixture(autouse=True)
+def _free_tmp_path_on_success(request):
+    yield
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    rep = getattr(request.node, "rep_call", None)
+    if tmp is not None and rep is not None and rep.passed:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
