@@ -7,14 +7,15 @@ prompt, max new tokens, learning rate) and is evaluated on the embedded test spl
     sft         NLL of the reference solutions (no teacher, no rollouts needed)
     grpo        outcome reward, group-normalized advantages (no teacher)
     opsd        OPSD, full exposure: the teacher sees the whole reference solution
-    opsd_fixed  OPSD with a fixed exposure alpha (--fixed_alpha)
+    opsd_fixed  OPSD with the best fixed exposure alpha (chosen on the validation slice, or --fixed_alpha)
     dasd        DASD, KL form: low-entropy tokens pulled toward the teacher, high-entropy pushed away
     dasd_adv    DASD, token-advantage form
     atesd       OPSD loss with the learned Beta-policy exposure controller
     dasd_atesd  DASD (KL form) with the learned exposure
 
 The learning rate is chosen once, for OPSD, on a validation slice held out of the training data
-(never the test split), and reused by every method. Selection rule: highest validation Avg@k, then
+(never the test split), and reused by every method; then, with that learning rate, the fixed exposure
+of opsd_fixed is chosen the same way from --alpha_grid. Selection rule: highest validation Avg@k, then
 Pass@k, then the lowest no-answer rate (at this scale accuracy is often 0 for all candidates, and a
 model that writes a final answer is the precursor of one that writes the right one).
 
@@ -36,7 +37,8 @@ Run (from the repository root):
     nohup python experiments/miniature.py > miniature.log 2>&1 &   # in the background; rerun to resume
     python experiments/miniature.py --report_only            # tables and figures from finished runs
     python experiments/miniature.py --seeds 0 1 2 --out results/miniature3   # a third seed, elsewhere
-Output: <out>/summary.json, table.md, pass_at_k.png, train_curves.png, lr_selection.json.
+Output: <out>/summary.json, table.md, pass_at_k.png, train_curves.png, lr_selection.json,
+alpha_selection.json.
 """
 
 import argparse
@@ -82,7 +84,11 @@ def build_parser():
     g.add_argument("--lr", type=float, default=None, help="skip the OPSD learning-rate search and use this")
     g.add_argument("--lr_grid", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4],
                    help="learning rates tried for OPSD (seed 0) on the validation slice")
-    g.add_argument("--fixed_alpha", type=float, default=0.5, help="exposure of opsd_fixed")
+    g.add_argument("--fixed_alpha", type=float, default=None,
+                   help="exposure of opsd_fixed; default: the best of --alpha_grid on the validation slice")
+    g.add_argument("--alpha_grid", type=float, nargs="+", default=[0.0, 0.25, 0.5],
+                   help="fixed exposures tried for OPSD (seed 0, chosen LR) on the validation slice; the "
+                        "embedded solutions have at most 3 steps, so 0.75 reveals what 1.0 (= opsd) reveals")
     g.add_argument("--atesd", nargs=3, type=int, default=[1, 2, 2], metavar=("HOLD", "LOOKAHEAD", "BATCH"),
                    help="controller hold / lookahead / batch_decisions, scaled down so that a short run "
                         "completes a few REINFORCE updates")
@@ -119,7 +125,7 @@ def write_json(path, obj):
 def budget(args):
     """The settings that make results comparable; a folder holds results of one budget only."""
     keys = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "lr", "lr_grid", "fixed_alpha",
-            "atesd", "n_problems", "n_val", "k", "eval_max_new_tokens", "eval_rollout")
+            "alpha_grid", "atesd", "n_problems", "n_val", "k", "eval_max_new_tokens", "eval_rollout")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -181,14 +187,14 @@ def run_logged(cmd, log_path, env):
         sys.exit(f"command failed (exit {rc}); log: {log_path}\n{tail}")
 
 
-def train_cmd(args, method, seed, lr, train_data, out_dir):
+def train_cmd(args, method, seed, lr, train_data, out_dir, alpha=None):
     cmd = [sys.executable, "train.py", *METHODS[method],
            "--data", train_data, "--seed", str(seed), "--lr", str(lr),
            "--steps", str(args.steps), "--prompts_per_step", str(args.prompts_per_step),
            "--samples_per_prompt", str(args.samples_per_prompt), "--max_new_tokens", str(args.max_new_tokens),
            "--save_every", str(args.save_every), "--out_dir", out_dir, "--rollout", "hf"]
     if method == "opsd_fixed":
-        cmd += ["--alpha", str(args.fixed_alpha)]
+        cmd += ["--alpha", str(args.fixed_alpha if alpha is None else alpha)]
     if "atesd" in METHODS[method]:
         hold, lookahead, batch = args.atesd
         cmd += ["--hold", str(hold), "--lookahead", str(lookahead), "--batch_decisions", str(batch)]
@@ -203,7 +209,7 @@ def eval_cmd(args, model_path, seed, bench, out_dir, n_problems):
             "--rollout", args.eval_rollout, "--batch_problems", str(n_problems), "--out", out_dir]
 
 
-def run_unit(args, unit, method, seed, lr, train_data, bench, n_problems, env):
+def run_unit(args, unit, method, seed, lr, train_data, bench, n_problems, env, alpha=None):
     """Train (unless base) and evaluate one (method, seed); skipped when its report exists."""
     folder = os.path.join(args.out, "runs", unit, f"seed{seed}")
     report = os.path.join(folder, "eval", "report.json")
@@ -216,7 +222,7 @@ def run_unit(args, unit, method, seed, lr, train_data, bench, n_problems, env):
         final = os.path.join(tdir, "final")
         if not os.path.isdir(final):
             os.makedirs(tdir, exist_ok=True)
-            run_logged(train_cmd(args, method, seed, lr, train_data, tdir), os.path.join(tdir, "train.log"), env)
+            run_logged(train_cmd(args, method, seed, lr, train_data, tdir, alpha), os.path.join(tdir, "train.log"), env)
         model_path = final
     tmp = os.path.join(folder, "eval.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -239,20 +245,36 @@ def bench_result(report_path):
     return res
 
 
-def select_lr(args, train_data, val_data, env, progress):
-    """Try each LR for OPSD (seed 0) on the validation slice; keep the best by the documented rule."""
-    path = os.path.join(args.out, "lr_selection.json")
+def select(args, what, grid, unit, run, path, progress):
+    """Run each candidate (seed 0) on the validation slice; keep the best by the documented rule."""
     rows = []
-    for lr in args.lr_grid:
-        progress(f"lr search: opsd lr={lr:g}")
-        rep = run_unit(args, f"lr_search/opsd_lr{lr:g}", "opsd", 0, lr, train_data, val_data, args.n_val, env)
-        res = bench_result(rep)
-        rows.append({"lr": lr, "avg_at_k": res["avg_at_k"], "pass_at_k": res["pass_at_k"][str(args.k)],
+    for value in grid:
+        progress(f"{what} search: {unit.format(value)}")
+        res = bench_result(run(value))
+        rows.append({what: value, "avg_at_k": res["avg_at_k"], "pass_at_k": res["pass_at_k"][str(args.k)],
                      "no_answer_rate": res["health"]["no_answer_rate"]})
-    best = max(rows, key=lambda r: (r["avg_at_k"], r["pass_at_k"], -r["no_answer_rate"]))
-    write_json(path, {"rule": "max val avg@k, then pass@k, then min no-answer rate", "candidates": rows,
-                      "chosen": best["lr"]})
-    return best["lr"]
+    best = max(rows, key=lambda r: (r["avg_at_k"], r["pass_at_k"], -r["no_answer_rate"]))  # first wins ties
+    write_json(path, {"rule": "max validation avg@k, then pass@k, then min no-answer rate; first of a tie",
+                      "candidates": rows, "chosen": best[what]})
+    return best[what]
+
+
+def select_lr(args, train_data, val_data, env, progress):
+    """The learning rate, found once for OPSD (full exposure) and reused by every method."""
+    unit = "opsd_lr{:g}"
+    return select(args, "lr", args.lr_grid, unit,
+                  lambda lr: run_unit(args, "search/" + unit.format(lr), "opsd", 0, lr, train_data, val_data,
+                                      args.n_val, env),
+                  os.path.join(args.out, "lr_selection.json"), progress)
+
+
+def select_alpha(args, lr, train_data, val_data, env, progress):
+    """The fixed exposure of opsd_fixed, with the chosen learning rate."""
+    unit = "opsd_fixed_alpha{:g}"
+    return select(args, "alpha", args.alpha_grid, unit,
+                  lambda a: run_unit(args, "search/" + unit.format(a), "opsd_fixed", 0, lr, train_data, val_data,
+                                     args.n_val, env, alpha=a),
+                  os.path.join(args.out, "alpha_selection.json"), progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,10 +312,13 @@ def read_curve(path, key):
 def summarize(args):
     runs_dir = os.path.join(args.out, "runs")
     summary = {"budget": budget(args), "methods": {}}
-    lr_path = os.path.join(args.out, "lr_selection.json")
-    if os.path.exists(lr_path):
-        with open(lr_path) as f:
-            summary["lr_selection"] = json.load(f)
+    for what, flag in (("lr", "lr"), ("alpha", "fixed_alpha")):
+        path = os.path.join(args.out, f"{what}_selection.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                summary[f"{what}_selection"] = json.load(f)
+            if summary["budget"][flag] is None:  # the value the runs used
+                summary["budget"][flag] = summary[f"{what}_selection"]["chosen"]
     for m in ORDER:
         seeds = sorted(int(s[4:]) for s in os.listdir(os.path.join(runs_dir, m))
                        if os.path.exists(os.path.join(runs_dir, m, s, "eval", "report.json"))) \
@@ -430,7 +455,9 @@ def main(argv=None):
         env["OMP_NUM_THREADS"] = str(args.threads)
     t0 = time.time()
     trained = [m for m in args.methods if m != "base"]
-    n_units = len(args.seeds) * len(args.methods) + (len(args.lr_grid) if args.lr is None and trained else 0)
+    search_alpha = args.fixed_alpha is None and "opsd_fixed" in args.methods
+    n_units = (len(args.seeds) * len(args.methods) + (len(args.lr_grid) if args.lr is None and trained else 0)
+               + (len(args.alpha_grid) if search_alpha else 0))
     done = [0]
 
     def progress(what):
@@ -441,6 +468,9 @@ def main(argv=None):
     if lr is None and trained:
         lr = select_lr(args, train_data, val_data, env, progress)
         print(f"learning rate for every method: {lr:g} (lr_selection.json)", flush=True)
+    if search_alpha:
+        args.fixed_alpha = select_alpha(args, lr, train_data, val_data, env, progress)
+        print(f"fixed exposure of opsd_fixed: {args.fixed_alpha:g} (alpha_selection.json)", flush=True)
     for seed in args.seeds:  # seed-major: a partial run already compares every method
         for m in args.methods:
             progress(f"{m} seed {seed}")

@@ -121,3 +121,24 @@ def test_report_means_spread_and_no_silent_overwrite(tmp_path):
     assert len(kept) == 1
     assert json.load(open(os.path.join(args.out, kept[0])))["methods"]["base"]["seeds"] == [0]
     assert json.load(open(os.path.join(args.out, "summary.json")))["methods"]["base"]["seeds"] == [0, 1]
+
+
+def test_selection_rule_and_ties(tmp_path):
+    """Highest Avg@k, then Pass@k, then fewest missing answers; the first candidate wins a full tie."""
+    args = args_for(tmp_path, "--k", "2")
+    reports = {1: (0.0, 0.0, 0.9), 2: (0.0, 0.0, 0.7), 3: (0.0, 0.0, 0.8)}
+
+    def run(v):
+        path = str(tmp_path / f"r{v}" / "report.json")
+        fake_report(path, reports[v][0], reports[v][1], reports[v][2], 100)
+        return path
+
+    out = str(tmp_path / "sel.json")
+    assert miniature.select(args, "lr", [1, 2, 3], "x{}", run, out, lambda _: None) == 2
+    assert json.load(open(out))["chosen"] == 2
+    reports[3] = (0.0, 4.0, 1.0)  # a higher Pass@k beats fewer missing answers
+    assert miniature.select(args, "lr", [1, 2, 3], "x{}", run, out, lambda _: None) == 3
+    reports[1] = (2.0, 0.0, 1.0)  # and a higher Avg@k beats both
+    assert miniature.select(args, "lr", [1, 2, 3], "x{}", run, out, lambda _: None) == 1
+    reports.update({1: (0.0, 0.0, 0.5), 2: (0.0, 0.0, 0.5), 3: (0.0, 0.0, 0.5)})
+    assert miniature.select(args, "lr", [3, 1, 2], "x{}", run, out, lambda _: None) == 3
