@@ -299,7 +299,12 @@ class VLLMRollout:
                 kwargs["enforce_eager"] = enforce_eager
         else:
             kwargs.update(kv_cache_memory_bytes=int(kv_cache_gb * 2**30),  # choice 7
-                          enforce_eager=True if enforce_eager is None else enforce_eager)
+                          enforce_eager=True if enforce_eager is None else enforce_eager,
+                          # a seeded request whose prompt is split across scheduler steps makes the
+                          # runner rewind its torch.Generator, which CPU generators cannot do
+                          # ("CPU Generator does not use offset"): prefill prompts whole on CPU
+                          enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(max_model_len, 4096))
 
         # choice 7: engine start reseeds random/numpy/torch and (CPU) disables torch.set_num_threads
         rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),

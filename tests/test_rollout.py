@@ -295,3 +295,18 @@ def test_vllm_empty_prompt_list_does_no_work(vllm_engine, monkeypatch):
     assert vllm_engine.generate([], n=4) == []
     vllm_engine.sleep()  # no-ops on CPU
     vllm_engine.wake_up()
+
+
+@pytest.mark.vllm
+def test_vllm_seeded_batch_larger_than_one_scheduler_step(policy, vllm_engine):
+    """More prompt tokens than the scheduler takes in one step (4096 here): on CPU, chunked prefill of a
+    seeded request crashed vLLM ("CPU Generator does not use offset"); rollout.py prefills whole. Each
+    prompt's samples must also not depend on the batch it came in (per-request seeds, choice 4)."""
+    m, tok = policy
+    prompts = [chat(tok, f"Item {i}. Add up: " + " + ".join(str(j) for j in range(40, 90))) for i in range(40)]
+    assert sum(len(p) for p in prompts) > 4096
+    big = vllm_engine.generate(prompts, n=2, max_new_tokens=3, seed=5)
+    check_structure(big, 40, 2, 3, vllm_engine.stop_ids)
+    for i in (0, 23, 39):  # prompt i's samples are seeded 5 + 2i and 5 + 2i + 1
+        alone = vllm_engine.generate([prompts[i]], n=2, max_new_tokens=3, seed=5 + 2 * i)
+        assert [s.token_ids for s in alone] == [s.token_ids for s in big[2 * i:2 * i + 2]]
