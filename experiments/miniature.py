@@ -67,6 +67,8 @@ METHODS = {
     "dasd_atesd": ["--method", "dasd", "--exposure", "atesd"],
 }
 ORDER = ["base"] + list(METHODS)
+# one colour and line style per method, the same in every panel and figure
+STYLE = {m: {"color": f"C{i}", "linestyle": "--" if "atesd" in m or m == "base" else "-"} for i, m in enumerate(ORDER)}
 # training curves drawn per method (mean over seeds)
 CURVES = ("loss/total", "entropy/student", "kl/teacher_student", "dasd/frac_pushed", "exposure/alpha_used",
           "rollout/response_len")
@@ -334,6 +336,8 @@ def summarize(args):
             entry["mean"][key], entry["sd"][key] = mean_sd(vals)
         curves = {}
         for key in CURVES:
+            if key == "exposure/alpha_used" and m in ("sft", "grpo"):
+                continue  # no teacher: the logged alpha means nothing
             per = [read_curve(os.path.join(runs_dir, m, f"seed{s}", "train", "metrics.jsonl"), key) for s in seeds]
             steps = sorted(set.intersection(*(set(c) for c in per))) if all(per) else []
             if steps:
@@ -379,7 +383,7 @@ def plot(summary, out, k):
         sd = [e["sd"].get(f"pass@{j}") for j in ks]
         if None in mu:
             continue
-        ax.errorbar(ks, mu, yerr=sd, marker="o", capsize=3, label=f"{m} (n={len(e['seeds'])})")
+        ax.errorbar(ks, mu, yerr=sd, marker="o", capsize=3, label=f"{m} (n={len(e['seeds'])})", **STYLE[m])
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(j) for j in ks])
     ax.minorticks_off()
@@ -402,14 +406,20 @@ def plot(summary, out, k):
         for m, e in methods.items():
             c = e["curves"].get(key)
             if c:
-                ax.plot(c["steps"], c["mean"], marker=".", label=m)
+                ax.plot(c["steps"], c["mean"], marker=".", label=m, **STYLE[m])
+        if key == "loss/total":  # objectives differ in scale (SFT's NLL ~1, distillation ~0.01)
+            ax.set_yscale("symlog", linthresh=0.01)
         ax.set_title(f"{key} (mean over seeds)", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(os.path.join(out, "train_curves.png"), dpi=120)
     plt.close(fig)
 
