@@ -54,6 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+import evaluate  # noqa: E402
 
 # method -> the train.py flags that make it (everything else is the shared budget)
 METHODS = {
@@ -300,14 +301,8 @@ def metric_of(res, key):
 
 
 def read_curve(path, key):
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
+    """{step: value} of one metric from a train.py metrics.jsonl (missing file: empty)."""
+    rows = evaluate.read_metrics(path) if os.path.exists(path) else []
     return {r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float))}
 
 
