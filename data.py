@@ -232,8 +232,9 @@ SOLUTION_FIELDS = ("solution", "privileged_context")  # or GSM8K's "answer" when
 
 def _read_jsonl(path):
     """(line number, record) for each non-blank line of a JSONL file."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so that an encoding error can name its line
+        for lineno, raw in enumerate(f, 1):
+            line = _decode_utf8(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -242,11 +243,22 @@ def _read_jsonl(path):
                 raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
+def _decode_utf8(raw, path, first_line=1):
+    """bytes -> str; a byte sequence that is not UTF-8 is a DataError naming the line and column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1  # in bytes, 1-based
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at column {col}); "
+                        "save the file as UTF-8") from None
+
+
 def _read_json(path, split):
     """(line number, record) for a JSON file holding a list of records (or {split: [...]}/{"data": [...]}).
     Records are decoded one by one so each error can name the line the record starts on."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        text = _decode_utf8(f.read(), path)
     decoder = json.JSONDecoder()
     try:
         whole = json.loads(text)

@@ -150,10 +150,12 @@ class Config:
     """ATESD: controller learning rate."""
 
     # --- optimization
+    optimizer: str = "adamw"
+    """adamw | sgd (plain SGD, no momentum: the update is exactly -lr * gradient, easy to check)."""
     lr: float = 2e-6
-    """AdamW learning rate."""
+    """Learning rate."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Weight decay (decoupled for AdamW)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps (constant afterwards)."""
     grad_clip: float = 1.0
@@ -258,6 +260,8 @@ def check_config(cfg):
         errors.append("--temperature must be > 0 (on-policy distillation needs sampled rollouts)")
     if cfg.dtype not in ("bfloat16", "float32"):
         errors.append(f"--dtype {cfg.dtype!r}: choose bfloat16 or float32")
+    if cfg.optimizer not in ("adamw", "sgd"):
+        errors.append(f"--optimizer {cfg.optimizer!r}: choose adamw or sgd")
     if cfg.rollout not in ("auto", "hf", "vllm"):
         errors.append(f"--rollout {cfg.rollout!r}: choose auto, hf or vllm")
     if errors:
@@ -574,7 +578,10 @@ def main(argv=None):
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
 
     expo_kw = {k: getattr(cfg, k) for k in ("hold", "lookahead", "gamma", "lambda_gt", "batch_decisions")

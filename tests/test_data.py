@@ -197,6 +197,22 @@ def test_broken_json_names_line(tmp_path):
         data.load_dataset(str(r))
 
 
+def test_non_utf8_file_names_file_line_and_column(tmp_path):
+    # a UTF-16 byte-order mark (\xff\xfe) is what a file saved as "Unicode" on Windows starts with
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"problem": "\xff\xfe", "answer": "1"}\n')
+    with pytest.raises(data.DataError, match=r"bom\.jsonl, line 2: not UTF-8 text \(byte 0xff at column 14\)"):
+        data.load_dataset(str(p))
+    q = tmp_path / "bom.json"
+    q.write_bytes(b'[\n  {"problem": "a", "answer": "1"},\n  {"problem": "\xff\xfe"}\n]')
+    with pytest.raises(data.DataError, match=r"bom\.json, line 3: not UTF-8 text \(byte 0xff at column 16\)"):
+        data.load_dataset(str(q))
+    r = tmp_path / "start.jsonl"
+    r.write_bytes(b"\xff\xfe" + json.dumps(ROWS[0]).encode("utf-16-le"))
+    with pytest.raises(data.DataError, match=r"start\.jsonl, line 1: not UTF-8 text \(byte 0xff at column 1\)"):
+        data.load_dataset(str(r))
+
+
 def test_broken_parquet(tmp_path):
     p = tmp_path / "bad.parquet"
     p.write_bytes(b"PAR1 this is not a parquet file")
