@@ -5,13 +5,17 @@ Papers:
   DASD  "Tailoring Teaching to Aptitude: Direction-Adaptive Self-Distillation"            arXiv 2605.22263
   ATESD "Adaptive Teacher Exposure for Self-Distillation in LLM Reasoning"                arXiv 2605.11458
 
-One step of the algorithm (OPSD family):
-  1. the student samples y ~ p_S(. | x) for a batch of problems x                     (rollout.py)
-  2. the exposure schedule picks alpha; the teacher sees x + reveal(y*, alpha)        (exposure.py, teacher.py)
-  3. teacher forward (no grad) and student forward on the same tokens y               (teacher.py)
-  4. per-token loss: D(p_T || p_S) (OPSD), entropy-routed pull/push (DASD)            (losses.py, entropy.py)
-  5. backward, clip, optimizer step, push the new weights into the rollout engine
-  6. tell the exposure controller how the loss moved (its reward arrives L steps later)
+One step of the algorithm (OPSD family), one function each, in the order main() calls them:
+  1. sample_batch         the student samples y ~ p_S(. | x) for a batch of problems x    (rollout.py)
+  2. add_teacher_context  the exposure schedule's alpha; the teacher sees x + reveal(y*, alpha)
+                                                                                    (exposure.py, teacher.py)
+  3. train_on_batch       teacher forward (no grad) and student forward on the same tokens y; per-token
+                          loss D(p_T || p_S) (OPSD) or entropy-routed pull/push (DASD), token mean over
+                          the global batch; backward, clip, one optimizer step  (microbatch_loss, losses.py)
+  4. sync_weights         push the new weights into the rollout engine (and the EMA teacher)
+  5. step_metrics, observe_controller   log, and tell the exposure controller how the loss moved (its
+                          reward arrives L steps later)
+  GRPO adds group advantages between 1 and 2 (add_advantages); SFT replaces 1 by the reference solutions.
 
 Run:
   python train.py                                          # embedded SmolLM2-135M + embedded data, CPU
@@ -300,7 +304,157 @@ def all_reduce_sum(values, device, ddp):
 
 
 # -----------------------------------------------------------------------------------------------
-# Data order: a function of (seed, step) only, so resuming needs nothing but the step.
+# Set-up: data, student, teacher, optimizer, exposure schedule and rollout engine, built once.
+
+
+@dataclass
+class Run:
+    """What every step reads, built once by setup() (a record, not an object with behaviour)."""
+    cfg: Config
+    ddp: bool
+    rank: int
+    world: int
+    device: torch.device
+    rows: list                       # training problems: dicts with problem, solution, answer
+    tok: typing.Any                  # the tokenizer
+    student: torch.nn.Module         # the trained parameters (optimizer, checkpoints, weight sync)
+    train_model: torch.nn.Module     # what the loss calls: the student or its DDP / FSDP wrapper
+    teacher_model: typing.Optional[torch.nn.Module]  # None for grpo and sft (no teacher)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    expo: typing.Any                 # exposure schedule / ATESD controller (exposure.py)
+    engine: typing.Any               # rollout engine (rollout.py); None for sft
+    start_step: int
+    n_skipped: int                   # steps skipped by the non-finite guard so far
+    ckpt_dir: str
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        """bf16 matmuls over fp32 master weights (departure 5); a no-op with --dtype float32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
+
+
+def setup(cfg):
+    ddp, rank, world, device = init_distributed()
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple of the "
+                         f"number of processes ({world}) so that every rank gets the same number of prompts")
+    if cfg.fsdp and cfg.resume:
+        raise SystemExit("train.py: --resume with --fsdp is not supported (optimizer state is sharded)")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
+    rows = load_rows(cfg)
+
+    resume_state = None
+    if cfg.resume:
+        if not os.path.isdir(ckpt_dir) and os.path.isdir(ckpt_dir + ".old"):
+            ckpt_dir = ckpt_dir + ".old"  # the rename of a newer checkpoint was interrupted
+        if not os.path.isdir(ckpt_dir):
+            raise SystemExit(f"train.py: --resume but no checkpoint in {ckpt_dir}")
+        resume_state = load_checkpoint(ckpt_dir)
+    start_path = modellib.resolve(cfg.model)
+    student, tok, teacher_model = load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir)
+    train_model = wrap_for_parallel(cfg, student, ddp, device)
+    if cfg.teacher == "live" and teacher_model is not None:
+        teacher_model = student  # the same parameters, called outside DDP's forward (no grad anyway)
+
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    expo_kw = {k: getattr(cfg, k) for k in ("hold", "lookahead", "gamma", "lambda_gt", "batch_decisions")
+               if getattr(cfg, k) is not None}
+    if cfg.controller_lr is not None:
+        expo_kw["lr"] = cfg.controller_lr
+    expo = exposure.make_exposure(cfg.exposure, alpha=cfg.alpha, total_steps=cfg.steps, seed=cfg.seed, **expo_kw)
+
+    start_step, n_skipped = 0, 0
+    if resume_state is not None:
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        expo.load_state_dict(resume_state["exposure"])
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        random.setstate(resume_state["rng"]["python"])
+        start_step, n_skipped = resume_state["step"], resume_state["n_skipped"]
+
+    # one rollout engine per rank; seeds differ per rank and per step (departure 4)
+    engine = None
+    if cfg.method != "sft":
+        backend = rollout.default_backend() if cfg.rollout == "auto" else cfg.rollout
+        engine = rollout.make_rollout(
+            backend, model=student, model_path=start_path, tokenizer=tok, seed=cfg.seed + rank,
+            dtype=cfg.dtype, max_model_len=4096, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            tensor_parallel_size=cfg.vllm_tensor_parallel_size, enable_sleep_mode=cfg.vllm_sleep)
+        if resume_state is not None:
+            engine.sync_weights(student)
+    return Run(cfg, ddp, rank, world, device, rows, tok, student, train_model, teacher_model, opt, sched, expo,
+               engine, start_step, n_skipped, ckpt_dir)
+
+
+def load_rows(cfg):
+    try:
+        return data.load_dataset(cfg.data, split="train", problem_field=cfg.problem_field,
+                                 solution_field=cfg.solution_field, answer_field=cfg.answer_field,
+                                 skip_bad_rows=cfg.skip_bad_rows)
+    except (data.DataError, FileNotFoundError) as e:
+        raise SystemExit(f"train.py: {e}") from e
+
+
+def load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir):
+    """The student (trained) and the teacher (a frozen copy, an EMA copy, or None for grpo and sft)."""
+    try:
+        # fp32 master weights (departure 5); bf16 matmuls come from autocast
+        student, tok = modellib.load(start_path, dtype=torch.float32, device=device,
+                                     trust_remote_code=cfg.trust_remote_code)
+    except FileNotFoundError as e:
+        raise SystemExit(f"train.py: {e}") from e
+    # the frozen teacher is the *initial* policy, so it is built before resumed weights are loaded
+    teacher_model = None
+    if cfg.method not in ("grpo", "sft"):
+        teacher_model = teacherlib.make_teacher(student, mode=cfg.teacher)
+        if resume_state is not None and cfg.teacher == "ema":
+            teacher_model.load_state_dict(resume_state["ema_teacher"])
+    if resume_state is not None:
+        import glob
+
+        from safetensors.torch import load_file
+
+        sd = {}
+        for f in sorted(glob.glob(os.path.join(ckpt_dir, "model", "*.safetensors"))):
+            sd.update(load_file(f))
+        missing, _ = student.load_state_dict(sd, strict=False)
+        if [k for k in missing if k != "lm_head.weight"]:  # a tied lm_head is not stored separately
+            raise SystemExit(f"train.py: checkpoint {ckpt_dir} lacks weights: {missing[:5]}")
+        if getattr(student.config, "tie_word_embeddings", False):
+            student.tie_weights()
+    student.train()
+    return student, tok, teacher_model
+
+
+def wrap_for_parallel(cfg, student, ddp, device):
+    """FSDP2 shards the student in place; DDP wraps it; one process uses it as it is."""
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in student.model.layers:
+            fully_shard(layer)
+        fully_shard(student)
+        return student
+    if ddp:
+        return torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    return student
+
+
+# -----------------------------------------------------------------------------------------------
+# Step 1. Rollout: this step's problems (a function of seed and step only, so resuming needs nothing
+# but the step), and the student's own answers to them.
 
 
 def step_rows(rows, cfg, step, rank, world):
@@ -314,8 +468,61 @@ def step_rows(rows, cfg, step, rank, world):
     return picked[rank::world]
 
 
+def sample_batch(run, my_rows, step):
+    """Token ids in, token ids out (never decoded and re-tokenized prompts). Returns (batch, rewards):
+    batch holds one dict per sequence (student_prompt, response, answer, row, truncated); rewards are
+    1.0 / 0.0 per rollout by the same grader as evaluate.py. SFT's "rollouts" are the reference solutions."""
+    cfg, tok = run.cfg, run.tok
+    s_prompt_ids = [teacherlib.student_prompt_ids(tok, r["problem"], enable_thinking=cfg.student_thinking)
+                    for r in my_rows]
+    batch, rewards = [], []
+    if cfg.method == "sft":
+        for r, p in zip(my_rows, s_prompt_ids):
+            resp = tok(r["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            batch.append({"student_prompt": p, "response": resp[: cfg.max_new_tokens], "answer": r["answer"]})
+        return batch, rewards  # never empty: at least the end-of-sequence token
+    if cfg.vllm_sleep:
+        run.engine.wake_up()
+    with run.autocast():  # the hf backend samples from the live fp32 model: bf16 matmuls here too
+        samples = run.engine.generate(s_prompt_ids, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+                                      temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                      seed=cfg.seed + 1_000_003 * step + 7919 * run.rank)
+    if cfg.vllm_sleep:
+        run.engine.sleep()
+    for smp in samples:
+        r = my_rows[smp.prompt_index]
+        text = tok.decode(smp.token_ids, skip_special_tokens=True)
+        rewards.append(float(evaluate.check_answer(text, r["answer"])))
+        batch.append({"student_prompt": s_prompt_ids[smp.prompt_index], "response": list(smp.token_ids),
+                      "answer": r["answer"], "row": r, "truncated": smp.truncated})
+    return [b for b in batch if len(b["response"]) > 0], rewards
+
+
 # -----------------------------------------------------------------------------------------------
-# The losses of one micro-batch. The algorithm lives here; everything else is plumbing.
+# Step 2. Rewards -> group advantages (GRPO and the token-advantage form), and the teacher's context.
+
+
+def add_advantages(run, batch, rewards):
+    cfg = run.cfg
+    if (cfg.method == "grpo" or (cfg.method == "dasd_adv" and cfg.samples_per_prompt > 1)) and rewards:
+        adv = losses.grpo_advantages(torch.tensor(rewards), cfg.samples_per_prompt).tolist()
+        for b, a in zip(batch, adv):
+            b["adv"] = a
+
+
+def add_teacher_context(run, batch, alpha):
+    """The teacher sees the problem plus the revealed part of the reference: the first ceil(alpha*m)
+    of its m steps and the final answer (exposure.py, teacher.py)."""
+    if run.teacher_model is None:
+        return
+    for b in batch:
+        r = b["row"]
+        b["teacher_prompt"] = teacherlib.teacher_prompt_ids(
+            run.tok, r["problem"], r["solution"], r["answer"], alpha=alpha, enable_thinking=run.cfg.teacher_thinking)
+
+
+# -----------------------------------------------------------------------------------------------
+# Step 3. The loss of one micro-batch. The algorithm lives here; everything else is plumbing.
 
 
 def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autocast):
@@ -403,22 +610,6 @@ def response_targets(responses, T, device):
 
 
 @torch.no_grad()
-def teacher_answer_logprob(cfg, teacher_model, tok, batch, alpha, autocast):
-    """Sum over sequences of the teacher's mean log-prob of the reference answer (ATESD's guard signal)."""
-    total = 0.0
-    for mb in chunks(batch, cfg.micro_batch):
-        with autocast():
-            # the guard prompt withholds the answer: with it shown, the teacher just copies it and g is
-            # flat in alpha; without it, g measures how strongly the revealed steps lead to the answer
-            guard = [teacherlib.teacher_prompt_ids(tok, b["row"]["problem"], b["row"]["solution"], b["answer"],
-                                                   alpha=alpha, show_answer=False, enable_thinking=False)
-                     for b in mb]
-            alp = teacherlib.answer_logprob(teacher_model, tok, guard, [b["answer"] for b in mb])  # (B,)
-        total += alp.float().sum().item()
-    return total
-
-
-@torch.no_grad()
 def student_confidence(s_logits, responses, mask, temperature):
     """Token sums of the student's NLL of its own sampled tokens and of its top-1 probability."""
     logp = torch.log_softmax(s_logits.detach().float() / temperature, -1)  # (B,T,V)
@@ -434,7 +625,187 @@ def chunks(xs, n):
 
 
 # -----------------------------------------------------------------------------------------------
+# Step 4. Update: gradient of the global-batch token mean, clip, non-finite guard, one optimizer step.
+
+
+def train_on_batch(run, batch, alpha, step):
+    """Returns (token sums of the loss metrics, local token count, grad norm, whether the step was taken).
+
+    The token mean is over every rank's valid tokens (departure 3): each micro-batch's mean is weighted
+    by its share n_mb / n_global of the global batch. Exactly one optimizer step per rollout batch
+    (departure 2). A non-finite loss or gradient on any rank skips the step on all of them, so NaN is
+    never written into the weights."""
+    cfg, student = run.cfg, run.student
+    lm_head = student.get_output_embeddings()  # the matrix the chunked loss multiplies by
+    n_local = float(sum(len(b["response"]) for b in batch))
+    n_global = all_reduce_sum({"n": n_local}, run.device, run.ddp)["n"]
+    run.opt.zero_grad(set_to_none=True)
+    sums = {}
+    mbs = chunks(batch, cfg.micro_batch)
+    for i, mb in enumerate(mbs):
+        # DDP all-reduces gradients on the last backward only
+        sync = (not run.ddp) or cfg.fsdp or i == len(mbs) - 1
+        ctx = run.train_model.no_sync() if (run.ddp and not cfg.fsdp and not sync) else contextlib.nullcontext()
+        with ctx:
+            loss, n_mb, m = microbatch_loss(cfg, run.train_model, run.teacher_model, lm_head, run.tok, mb, alpha,
+                                            run.autocast)
+            if step == cfg.inject_nan_at_step:
+                loss = loss * float("nan")
+            # DDP averages gradients over ranks, hence the factor world: sum over ranks of
+            # (local token sum / global count) is the global token mean
+            (loss * (n_mb / max(n_global, 1.0)) * run.world).backward()
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n_mb
+        sums["loss/total"] = sums.get("loss/total", 0.0) + loss.item() * n_mb
+
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    finite = math.isfinite(float(gnorm)) and all(math.isfinite(v) for v in sums.values())
+    finite = all_reduce_sum({"ok": float(finite)}, run.device, run.ddp)["ok"] == run.world
+    if finite and grads:
+        run.opt.step()
+    else:
+        run.n_skipped += 1  # never write NaN weights: the step is skipped, the weights are untouched
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    return sums, n_local, float(gnorm), finite
+
+
+# -----------------------------------------------------------------------------------------------
+# Step 5. Sync: keep the rollout engine on-policy and the EMA teacher moving.
+
+
+def sync_weights(run, finite):
+    if not finite:
+        return  # the step was skipped: nothing changed
+    if run.engine is not None:
+        run.engine.sync_weights(run.student)
+    if run.cfg.teacher == "ema" and run.teacher_model is not None:
+        teacherlib.ema_update(run.teacher_model, unwrap(run.student), run.cfg.ema_decay)
+
+
+# -----------------------------------------------------------------------------------------------
+# Step 6. Metrics (all-reduced token sums -> global token means) and the exposure controller.
+
+
+def step_metrics(run, batch, rewards, sums, n_local, alpha):
+    """The step's record: loss metrics as token means over the global batch, rollout statistics, and
+    for ATESD the teacher's log-prob of the reference answer (the controller's guard signal)."""
+    alp = 0.0
+    if run.cfg.exposure == "atesd" and run.teacher_model is not None:
+        alp = teacher_answer_logprob(run, batch, alpha)
+    glob = all_reduce_sum({**sums, "n_tok": n_local, "n_seq": float(len(batch)), "answer_logprob": alp,
+                           "correct": float(sum(rewards)), "n_rollouts": float(len(rewards)),
+                           "truncated": float(sum(b.get("truncated", False) for b in batch))}, run.device, run.ddp)
+    rec = {}
+    for k, v in glob.items():
+        if "/" in k:
+            rec[k] = v / max(glob["n_tok"], 1.0)  # token-weighted means
+    if run.cfg.exposure == "atesd" and run.teacher_model is not None:
+        rec["teacher/answer_logprob"] = glob["answer_logprob"] / max(glob["n_seq"], 1.0)
+    rec.update({
+        "rollout/accuracy": glob["correct"] / max(glob["n_rollouts"], 1.0) if glob["n_rollouts"] else None,
+        "rollout/truncated": glob["truncated"] / max(glob["n_seq"], 1.0),
+        "rollout/response_len": glob["n_tok"] / max(glob["n_seq"], 1.0),
+    })
+    return rec, glob["n_tok"]
+
+
+@torch.no_grad()
+def teacher_answer_logprob(run, batch, alpha):
+    """Sum over sequences of the teacher's mean log-prob of the reference answer (ATESD's guard signal)."""
+    total = 0.0
+    for mb in chunks(batch, run.cfg.micro_batch):
+        with run.autocast():
+            # the guard prompt withholds the answer: with it shown, the teacher just copies it and g is
+            # flat in alpha; without it, g measures how strongly the revealed steps lead to the answer
+            guard = [teacherlib.teacher_prompt_ids(run.tok, b["row"]["problem"], b["row"]["solution"], b["answer"],
+                                                   alpha=alpha, show_answer=False, enable_thinking=False)
+                     for b in mb]
+            alp = teacherlib.answer_logprob(run.teacher_model, run.tok, guard, [b["answer"] for b in mb])  # (B,)
+        total += alp.float().sum().item()
+    return total
+
+
+def observe_controller(run, step, rec):
+    """The controller sees this step; the decision that chose alpha is rewarded L steps later.
+    l = the method's own loss (what the student is learning to lower), mismatch = unclipped
+    KL(p_T || p_S), probe = the student's NLL of its own samples (see README, "ATESD state")."""
+    run.expo.report(step, loss=rec.get("loss/total", 0.0), answer_logprob=rec.get("teacher/answer_logprob", 0.0),
+                    mismatch=rec.get("kl/teacher_student", 0.0), probe_nll=rec.get("student/nll", 0.0),
+                    confidence=rec.get("student/confidence", 0.0))
+
+
+# -----------------------------------------------------------------------------------------------
+# Logging: metrics.jsonl on rank 0 (plus TensorBoard / W&B if asked); only rank 0 prints.
+
+
+def open_log(run):
+    """metrics.jsonl (a resumed run keeps the lines up to its checkpoint), config.json, optional loggers."""
+    cfg = run.cfg
+    log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if run.master:
+        keep = []
+        if cfg.resume and os.path.exists(log_path):
+            with open(log_path) as f:  # drop lines from steps after the checkpoint: they are redone
+                keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= run.start_step]
+        with open(log_path, "w") as f:
+            f.writelines(keep)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    tb, wb = open_loggers(cfg, run.master)
+    return log_path, tb, wb
+
+
+def open_loggers(cfg, master):
+    tb = wb = None
+    if master and cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
+        except ImportError:
+            print("tensorboard is not installed; logging to metrics.jsonl only", file=sys.stderr)
+    if master and cfg.wandb:
+        try:
+            import wandb
+
+            wb = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
+        except ImportError:
+            print("wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
+    return tb, wb
+
+
+def log_step(run, log, rec):
+    log_path, tb, wb = log
+    if not run.master:
+        return
+    with open(log_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    nums = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
+    if tb is not None:
+        for k, v in nums.items():
+            tb.add_scalar(k, v, rec["step"])
+    if wb is not None:
+        wb.log(nums, step=rec["step"])
+
+
+# -----------------------------------------------------------------------------------------------
 # Checkpoints: model as a save_pretrained folder, the rest in trainer.pt; written aside, then renamed.
+
+
+def maybe_checkpoint(run, done):
+    """Every --save_every steps and at the end. All ranks join the collective gather under FSDP; rank 0 writes."""
+    cfg = run.cfg
+    if not ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+        return
+    if run.master:
+        save_checkpoint(cfg, done, run.train_model, run.teacher_model, run.tok, run.opt, run.sched, run.expo,
+                        run.n_skipped, run.ckpt_dir)
+    elif cfg.fsdp:
+        full_state_dict(run.train_model)
+    if run.ddp:
+        dist.barrier()
 
 
 def save_checkpoint(cfg, step, student, teacher_model, tok, opt, sched, expo, n_skipped, out):
@@ -494,319 +865,69 @@ def load_checkpoint(path):
         raise SystemExit(f"train.py: cannot read checkpoint {f}: {e}") from e
 
 
+def finish(run):
+    """Free the rollout engine, copy the last checkpoint's model to final/, tear down the process group."""
+    if run.engine is not None and hasattr(run.engine, "shutdown"):
+        run.engine.shutdown()  # frees the vLLM engine (and only a process group that vLLM itself created)
+    if run.master:
+        final = os.path.join(run.cfg.out_dir, "final")
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(os.path.join(run.cfg.out_dir, "ckpt", "model"), final)
+        print(f"final model: {final}\nmetrics:     {os.path.join(run.cfg.out_dir, 'metrics.jsonl')}")
+    if run.ddp:
+        dist.barrier()
+        run.train_model = None  # DDP's reducer holds the process group: release it before destroying the group
+        dist.destroy_process_group()
+
+
 # -----------------------------------------------------------------------------------------------
-# Main: config, compute, models, rollout, then the loop.
+# Main: the algorithm, one step per iteration, in the order of the module docstring.
 
 
 def main(argv=None):
     cfg = parse_config(argv)
     check_config(cfg)
-    ddp, rank, world, device = init_distributed()
-    if cfg.prompts_per_step % world:
-        raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple of the "
-                         f"number of processes ({world}) so that every rank gets the same number of prompts")
-    if cfg.fsdp and cfg.resume:
-        raise SystemExit("train.py: --resume with --fsdp is not supported (optimizer state is sharded)")
-    master = rank == 0
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
-
-    # ---- data
-    try:
-        rows = data.load_dataset(cfg.data, split="train", problem_field=cfg.problem_field,
-                                 solution_field=cfg.solution_field, answer_field=cfg.answer_field,
-                                 skip_bad_rows=cfg.skip_bad_rows)
-    except (data.DataError, FileNotFoundError) as e:
-        raise SystemExit(f"train.py: {e}") from e
-
-    # ---- models: the student (trained), the teacher (frozen copy, EMA copy, or the student itself)
-    resume_state = None
-    start_path = modellib.resolve(cfg.model)
-    if cfg.resume:
-        if not os.path.isdir(ckpt_dir) and os.path.isdir(ckpt_dir + ".old"):
-            ckpt_dir = ckpt_dir + ".old"  # the rename of a newer checkpoint was interrupted
-        if not os.path.isdir(ckpt_dir):
-            raise SystemExit(f"train.py: --resume but no checkpoint in {ckpt_dir}")
-        resume_state = load_checkpoint(ckpt_dir)
-    try:
-        # fp32 master weights (departure 5); bf16 matmuls come from autocast below
-        student, tok = modellib.load(start_path, dtype=torch.float32, device=device,
-                                     trust_remote_code=cfg.trust_remote_code)
-    except FileNotFoundError as e:
-        raise SystemExit(f"train.py: {e}") from e
-    # the frozen teacher is the *initial* policy, so it is built before resumed weights are loaded
-    teacher_model = None
-    if cfg.method not in ("grpo", "sft"):
-        teacher_model = teacherlib.make_teacher(student, mode=cfg.teacher)
-        if resume_state is not None and cfg.teacher == "ema":
-            teacher_model.load_state_dict(resume_state["ema_teacher"])
-    if resume_state is not None:
-        import glob
-
-        from safetensors.torch import load_file
-
-        sd = {}
-        for f in sorted(glob.glob(os.path.join(ckpt_dir, "model", "*.safetensors"))):
-            sd.update(load_file(f))
-        missing, _ = student.load_state_dict(sd, strict=False)
-        if [k for k in missing if k != "lm_head.weight"]:  # a tied lm_head is not stored separately
-            raise SystemExit(f"train.py: checkpoint {ckpt_dir} lacks weights: {missing[:5]}")
-        if getattr(student.config, "tie_word_embeddings", False):
-            student.tie_weights()
-    student.train()
-    lm_head = student.get_output_embeddings()  # the matrix the chunked loss multiplies by
-
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in student.model.layers:
-            fully_shard(layer)
-        fully_shard(student)
-        train_model = student
-    elif ddp:
-        train_model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        train_model = student
-    if cfg.teacher == "live" and teacher_model is not None:
-        teacher_model = student  # the same parameters, called outside DDP's forward (no grad anyway)
-
-    use_bf16 = cfg.dtype == "bfloat16"
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-
-    expo_kw = {k: getattr(cfg, k) for k in ("hold", "lookahead", "gamma", "lambda_gt", "batch_decisions")
-               if getattr(cfg, k) is not None}
-    if cfg.controller_lr is not None:
-        expo_kw["lr"] = cfg.controller_lr
-    expo = exposure.make_exposure(cfg.exposure, alpha=cfg.alpha, total_steps=cfg.steps, seed=cfg.seed, **expo_kw)
-
-    start_step, n_skipped = 0, 0
-    if resume_state is not None:
-        opt.load_state_dict(resume_state["optimizer"])
-        sched.load_state_dict(resume_state["scheduler"])
-        expo.load_state_dict(resume_state["exposure"])
-        torch.set_rng_state(resume_state["rng"]["torch"])
-        random.setstate(resume_state["rng"]["python"])
-        start_step, n_skipped = resume_state["step"], resume_state["n_skipped"]
-
-    # ---- rollout engine (one per rank); seeds differ per rank and per step (departure 4)
-    backend = rollout.default_backend() if cfg.rollout == "auto" else cfg.rollout
-    engine = None
-    if cfg.method != "sft":
-        engine = rollout.make_rollout(
-            backend, model=student, model_path=start_path, tokenizer=tok, seed=cfg.seed + rank,
-            dtype=cfg.dtype, max_model_len=4096, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-            tensor_parallel_size=cfg.vllm_tensor_parallel_size, enable_sleep_mode=cfg.vllm_sleep)
-        if resume_state is not None:
-            engine.sync_weights(student)
-
-    # ---- logging (rank 0 only)
-    log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if master:
-        keep = []
-        if resume_state is not None and os.path.exists(log_path):
-            with open(log_path) as f:  # drop lines from steps after the checkpoint: they are redone
-                keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= start_step]
-        with open(log_path, "w") as f:
-            f.writelines(keep)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-    tb, wb = open_loggers(cfg, master)
+    run = setup(cfg)
+    log = open_log(run)
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not master, desc=f"{cfg.method}/{cfg.exposure}",
+    bar = tqdm(total=cfg.steps, initial=run.start_step, disable=not run.master, desc=f"{cfg.method}/{cfg.exposure}",
                dynamic_ncols=True)
+    for step in range(run.start_step, cfg.steps):
+        t_step, timings = time.time(), {}
+        alpha = run.expo.alpha_for_step(step)  # how much of the reference the teacher sees
 
-    for step in range(start_step, cfg.steps):
-        t_step = time.time()
-        timings = {}
-        # ---- 1. problems for this step, and the exposure the teacher gets
-        my_rows = step_rows(rows, cfg, step, rank, world)
-        alpha = expo.alpha_for_step(step)
-        G = cfg.samples_per_prompt
-
-        # ---- 2. rollout: the student samples its own answers (token ids in, token ids out)
         t0 = time.time()
-        s_prompt_ids = [teacherlib.student_prompt_ids(tok, r["problem"], enable_thinking=cfg.student_thinking)
-                        for r in my_rows]
-        batch, rewards = [], []
-        if cfg.method == "sft":
-            for r, p in zip(my_rows, s_prompt_ids):
-                resp = tok(r["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                batch.append({"student_prompt": p, "response": resp[: cfg.max_new_tokens], "answer": r["answer"]})
-        else:
-            if cfg.vllm_sleep:
-                engine.wake_up()
-            with autocast():  # the hf backend samples from the live fp32 model: bf16 matmuls here too
-                samples = engine.generate(s_prompt_ids, n=G, max_new_tokens=cfg.max_new_tokens,
-                                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                          seed=cfg.seed + 1_000_003 * step + 7919 * rank)
-            if cfg.vllm_sleep:
-                engine.sleep()
-            for smp in samples:
-                r = my_rows[smp.prompt_index]
-                text = tok.decode(smp.token_ids, skip_special_tokens=True)
-                rewards.append(float(evaluate.check_answer(text, r["answer"])))
-                batch.append({"student_prompt": s_prompt_ids[smp.prompt_index], "response": list(smp.token_ids),
-                              "answer": r["answer"], "row": r, "truncated": smp.truncated})
-        batch = [b for b in batch if len(b["response"]) > 0]
+        batch, rewards = sample_batch(run, step_rows(run.rows, cfg, step, run.rank, run.world), step)
         timings["rollout"] = time.time() - t0
 
-        # ---- 3. rewards -> group advantages (GRPO and the token-advantage form)
-        if (cfg.method == "grpo" or (cfg.method == "dasd_adv" and G > 1)) and rewards:
-            adv = losses.grpo_advantages(torch.tensor(rewards), G).tolist()
-            for b, a in zip(batch, adv):
-                b["adv"] = a
-        # ---- 4. teacher context: the problem plus the revealed part of the reference
-        if teacher_model is not None:
-            for b in batch:
-                r = b["row"]
-                b["teacher_prompt"] = teacherlib.teacher_prompt_ids(
-                    tok, r["problem"], r["solution"], r["answer"], alpha=alpha, enable_thinking=cfg.teacher_thinking)
+        add_advantages(run, batch, rewards)
+        add_teacher_context(run, batch, alpha)
 
-        # ---- 5. loss over the global batch: token mean over every rank's valid tokens (departure 3)
         t0 = time.time()
-        n_local = float(sum(len(b["response"]) for b in batch))
-        n_global = all_reduce_sum({"n": n_local}, device, ddp)["n"]
-        opt.zero_grad(set_to_none=True)
-        sums = {}
-        mbs = chunks(batch, cfg.micro_batch)
-        for i, mb in enumerate(mbs):
-            # DDP all-reduces gradients on the last backward only
-            sync = (not ddp) or cfg.fsdp or i == len(mbs) - 1
-            ctx = train_model.no_sync() if (ddp and not cfg.fsdp and not sync) else contextlib.nullcontext()
-            with ctx:
-                loss, n_mb, m = microbatch_loss(cfg, train_model, teacher_model, lm_head, tok, mb, alpha, autocast)
-                if step == cfg.inject_nan_at_step:
-                    loss = loss * float("nan")
-                # DDP averages gradients over ranks, hence the factor world: sum over ranks of
-                # (local token sum / global count) is the global token mean
-                (loss * (n_mb / max(n_global, 1.0)) * world).backward()
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n_mb
-            sums["loss/total"] = sums.get("loss/total", 0.0) + loss.item() * n_mb
+        sums, n_local, gnorm, finite = train_on_batch(run, batch, alpha, step)
         timings["train"] = time.time() - t0
 
-        # ---- 6. clip, guard, step
-        grads = [p.grad for p in student.parameters() if p.grad is not None]
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        finite = math.isfinite(float(gnorm)) and all(math.isfinite(v) for v in sums.values())
-        finite = all_reduce_sum({"ok": float(finite)}, device, ddp)["ok"] == world
-        if finite and grads:
-            opt.step()
-        else:
-            n_skipped += 1  # never write NaN weights: the step is skipped, the weights are untouched
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-
-        # ---- 7. keep the rollout engine on-policy and the EMA teacher moving
         t0 = time.time()
-        if engine is not None and finite:
-            engine.sync_weights(student)
-        if cfg.teacher == "ema" and teacher_model is not None and finite:
-            teacherlib.ema_update(teacher_model, unwrap(student), cfg.ema_decay)
+        sync_weights(run, finite)
         timings["sync"] = time.time() - t0
 
-        # ---- 8. metrics: all-reduced token sums -> global token means
         t0 = time.time()
-        alp = 0.0
-        if cfg.exposure == "atesd" and teacher_model is not None:
-            alp = teacher_answer_logprob(cfg, teacher_model, tok, batch, alpha, autocast)
-        glob = all_reduce_sum({**sums, "n_tok": n_local, "n_seq": float(len(batch)), "answer_logprob": alp,
-                               "correct": float(sum(rewards)), "n_rollouts": float(len(rewards)),
-                               "truncated": float(sum(b.get("truncated", False) for b in batch))}, device, ddp)
-        rec = {"step": step + 1}
-        for k, v in glob.items():
-            if "/" in k:
-                rec[k] = v / max(glob["n_tok"], 1.0)  # token-weighted means
-        if cfg.exposure == "atesd" and teacher_model is not None:
-            rec["teacher/answer_logprob"] = glob["answer_logprob"] / max(glob["n_seq"], 1.0)
-
-        # ---- 9. exposure controller: observe this step; its decision is rewarded L steps later.
-        # l = the method's own loss (what the student is learning to lower), mismatch = unclipped
-        # KL(p_T || p_S), probe = the student's NLL of its own samples (see README, "ATESD state")
-        expo.report(step, loss=rec.get("loss/total", 0.0), answer_logprob=rec.get("teacher/answer_logprob", 0.0),
-                    mismatch=rec.get("kl/teacher_student", 0.0), probe_nll=rec.get("student/nll", 0.0),
-                    confidence=rec.get("student/confidence", 0.0))
+        rec, n_tok = step_metrics(run, batch, rewards, sums, n_local, alpha)
+        observe_controller(run, step, rec)
         timings["controller"] = time.time() - t0
+
         dt = time.time() - t_step
-        rec.update({
-            "rollout/accuracy": glob["correct"] / max(glob["n_rollouts"], 1.0) if glob["n_rollouts"] else None,
-            "rollout/truncated": glob["truncated"] / max(glob["n_seq"], 1.0),
-            "rollout/response_len": glob["n_tok"] / max(glob["n_seq"], 1.0),
-            "train/grad_norm": float(gnorm), "train/lr": sched.get_last_lr()[0], "train/skipped_steps": n_skipped,
-            "train/tokens_per_s": glob["n_tok"] / dt, "exposure/alpha_used": alpha,
-            **{f"time/{k}": v for k, v in timings.items()}, "time/step": dt,
-        })
-        rec.update(expo.metrics())
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            log_extra(tb, wb, rec)
-            bar.set_postfix({"loss": f"{rec.get('loss/total', 0):.4f}", "acc": rec["rollout/accuracy"],
-                             "alpha": f"{alpha:.2f}"}, refresh=False)
+        rec = {"step": step + 1, **rec, "train/grad_norm": gnorm, "train/lr": run.sched.get_last_lr()[0],
+               "train/skipped_steps": run.n_skipped, "train/tokens_per_s": n_tok / dt, "exposure/alpha_used": alpha,
+               **{f"time/{k}": v for k, v in timings.items()}, "time/step": dt, **run.expo.metrics()}
+        log_step(run, log, rec)
+        bar.set_postfix({"loss": f"{rec.get('loss/total', 0):.4f}", "acc": rec["rollout/accuracy"],
+                         "alpha": f"{alpha:.2f}"}, refresh=False)
         bar.update(1)
-
-        # ---- 10. checkpoint (all ranks join the collective gather under FSDP; rank 0 writes)
-        done = step + 1
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-            if master:
-                save_checkpoint(cfg, done, train_model, teacher_model, tok, opt, sched, expo, n_skipped, ckpt_dir)
-            elif cfg.fsdp:
-                full_state_dict(train_model)
-            if ddp:
-                dist.barrier()
-
+        maybe_checkpoint(run, step + 1)
     bar.close()
-    if engine is not None and hasattr(engine, "shutdown"):
-        engine.shutdown()  # frees the vLLM engine (and only a process group that vLLM itself created)
-    if master:
-        final = os.path.join(cfg.out_dir, "final")
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(os.path.join(cfg.out_dir, "ckpt", "model"), final)
-        print(f"final model: {final}\nmetrics:     {log_path}")
-    if ddp:
-        dist.barrier()
-        del train_model  # DDP's reducer holds the process group: release it before destroying the group
-        dist.destroy_process_group()
-
-
-def open_loggers(cfg, master):
-    tb = wb = None
-    if master and cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
-        except ImportError:
-            print("tensorboard is not installed; logging to metrics.jsonl only", file=sys.stderr)
-    if master and cfg.wandb:
-        try:
-            import wandb
-
-            wb = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
-        except ImportError:
-            print("wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
-    return tb, wb
-
-
-def log_extra(tb, wb, rec):
-    nums = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
-    if tb is not None:
-        for k, v in nums.items():
-            tb.add_scalar(k, v, rec["step"])
-    if wb is not None:
-        wb.log(nums, step=rec["step"])
+    finish(run)
 
 
 if __name__ == "__main__":
