@@ -30,8 +30,10 @@ Reasoning health, per model and benchmark (all from the k samples of every probl
 
 Choices (the papers are silent on these; each is ours):
  1. Extraction: the last \\boxed{...} (or \\fbox{...}), braces matched with nesting, so
-    \\boxed{\\frac{1}{2}} gives \\frac{1}{2}; `\\boxed 5` (no braces) takes the next token. A box whose
-    braces never close (a truncated response) is skipped.
+    \\boxed{\\frac{1}{2}} gives \\frac{1}{2}; `\\boxed 5` (no braces) takes the single next token, as
+    LaTeX does (`\\boxed 12` gives 1). A box whose braces never close (a truncated response), or that
+    is empty, is skipped. This is data.last_boxed, the one extractor, which data.py's loader also uses
+    to take the answer of a user's solution.
  2. Fallback when there is no box (on by default, `--no_fallback` turns it off): the math span or
     number right after the last "answer is" / "answer:" (after the last "=" if that sentence is an
     equation: "the answer is 10 + 2 = 12" gives 12), i.e. an answer the model declared. Small
@@ -67,6 +69,7 @@ Examples:
     python evaluate.py --n_problems 20 --k 4 --max_new_tokens 256           # embedded model and test split
     python evaluate.py --model out/step_0 --model out/step_100 --data MATH-500 --data "AIME 2024" --k 16
     python evaluate.py --plot_train runs/opsd/metrics.jsonl runs/dasd/metrics.jsonl --out plots
+    python evaluate.py --base_accuracy 16        # the embedded model's base accuracy that data.py quotes
 """
 
 import argparse
@@ -83,43 +86,16 @@ import time
 from collections import Counter
 from functools import lru_cache
 
+import data
+from data import braced_group, last_boxed  # the one answer extractor (evaluate.last_boxed is data.last_boxed)
+
 # ---------------------------------------------------------------------------------------------
 # answer extraction
 # ---------------------------------------------------------------------------------------------
 
-_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+)?")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)", re.IGNORECASE)
 _MATH_SPAN = re.compile(r"\s*(?:\$\$?|\\\(|\\\[)(.+?)(?:\$\$?|\\\)|\\\])", re.DOTALL)
-
-
-def _braced(text, start):
-    """Content of the {...} group opening at text[start] == '{', braces nested; None if unclosed."""
-    depth = 0
-    for j in range(start, len(text)):
-        if text[j] == "{" and (j == 0 or text[j - 1] != "\\"):
-            depth += 1
-        elif text[j] == "}" and text[j - 1] != "\\":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:j]
-    return None
-
-
-def last_boxed(text):
-    """The content of the last \\boxed{...} / \\fbox{...} / `\\boxed 5` in text, or None (choice 1)."""
-    for m in reversed(list(_BOX.finditer(text))):
-        j = m.end()
-        while j < len(text) and text[j] in " \t":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            content = _braced(text, j)
-        else:  # `\boxed 5`: the next whitespace-delimited token, without closing punctuation/dollars
-            tok = re.match(r"[^\s$]+", text[j:])
-            content = tok.group(0).rstrip(".,;") if tok else None
-        if content is not None and content.strip():
-            return content.strip()
-    return None
 
 
 def _fallback_answer(text):
@@ -238,7 +214,7 @@ def too_costly(s):
     for m in re.finditer(r"\^\s*", s):
         j = m.end()
         if j < len(s) and s[j] == "{":
-            exponent = _braced(s, j) or ""
+            exponent = braced_group(s, j) or ""
             end = j + len(exponent) + 2
         else:
             tok = re.match(r"[\w.]+", s[j:])
@@ -528,8 +504,6 @@ def load_problems(name_or_path, split="test"):
     """A named benchmark (hub), 'embedded:test', or a local JSONL/JSON/Parquet file (data.py)."""
     if benchmark_name(name_or_path) is not None and not os.path.exists(name_or_path):
         return load_benchmark(name_or_path)
-    import data
-
     return data.load_dataset(name_or_path, split=split)
 
 
@@ -738,6 +712,52 @@ def format_table(results, k):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# base accuracy of the embedded model on the embedded problems (the numbers data.py quotes)
+# ---------------------------------------------------------------------------------------------
+
+
+def crude_correct(response, gold):
+    """A crude check for the base-accuracy probe: the last \\boxed{} (else the last number) equals gold.
+    (check_answer is the real checker; this one is kept because data.py's numbers were measured with it.)"""
+    got = last_boxed(response)
+    if got is None:
+        numbers = re.findall(r"-?\d+(?:\.\d+)?", response.replace(",", ""))
+        got = numbers[-1] if numbers else None
+    return got is not None and got.replace(",", "").strip().rstrip(".") == gold
+
+
+def base_accuracy(n_per_level=16, *, levels=(1, 2, 3), max_new_tokens=256, temperature=None, seed=0):
+    """Accuracy of the embedded model (bf16, transformers generate) on the embedded test split, per
+    level: greedy when temperature is None, else sampling at that temperature. One batch for all
+    levels (fastest on CPU). Returns {level: (accuracy, fraction with a \\boxed{})}."""
+    import torch
+
+    import model as model_lib
+    import teacher
+
+    torch.manual_seed(seed)
+    net, tok = model_lib.load()
+    test = data.embedded_split("test")
+    rows = [r for level in levels for r in [r for r in test if r["level"] == level][:n_per_level]]
+    prompts = [teacher.student_prompt_ids(tok, r["problem"]) for r in rows]
+    P = max(len(p) for p in prompts)  # left-pad by hand: generation continues every row at column P
+    batch = {"input_ids": torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in prompts]),
+             "attention_mask": torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])}
+    sample = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature, "top_k": 0}
+    with torch.no_grad():
+        out = net.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sample)
+    texts = tok.batch_decode(out[:, P:], skip_special_tokens=True)
+    result = {}
+    for level in levels:
+        idx = [i for i, r in enumerate(rows) if r["level"] == level]
+        correct = sum(crude_correct(texts[i], rows[i]["answer"]) for i in idx)
+        boxed = sum(last_boxed(texts[i]) is not None for i in idx)
+        result[level] = (correct / len(idx), boxed / len(idx))
+        print(f"level {level} T={temperature}: accuracy {correct}/{len(idx)}, boxed {boxed}/{len(idx)}", flush=True)
+    return result
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -768,6 +788,9 @@ def build_parser():
     p.add_argument("--plot_train", nargs="+", default=None, metavar="METRICS.jsonl",
                    help="draw train_curves.png from train.py metrics files; evaluates nothing unless --model is given")
     p.add_argument("--demo", action="store_true", help="print toy values of the metrics and the checker, then exit")
+    p.add_argument("--base_accuracy", type=int, default=None, metavar="N",
+                   help="print the embedded model's crude accuracy on N embedded test problems per level, greedy "
+                        "and at T=1 (the numbers data.py quotes), then exit")
     p.add_argument("--out", default="runs/eval", help="output folder: report.json, samples.jsonl, pass_at_k.png")
     return p
 
@@ -776,6 +799,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.demo:
         demo()
+        return 0
+    if args.base_accuracy:
+        base_accuracy(args.base_accuracy)
+        base_accuracy(args.base_accuracy, temperature=1.0)
         return 0
     os.makedirs(args.out, exist_ok=True)
     if args.plot_train:

@@ -130,6 +130,29 @@ def test_extraction_table(text, strict, loose):
     assert ev.extract_answer(text) == loose  # the fallback is on by default
 
 
+def test_one_extractor_for_grading_and_for_loading():
+    import data
+
+    assert ev.last_boxed is data.last_boxed
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("\\boxed 12", "1"),  # formerly 12: LaTeX boxes the single next token
+    ("\\boxed -3", "-"),  # formerly -3
+    ("\\boxed \\frac12", "\\frac"),  # formerly \frac12
+    ("\\boxed{a\\\\}", "a\\\\"),  # formerly None: \\ is a line break, not an escaped brace
+    ("\\boxed\n5", "5"),  # formerly None: one line end is a space
+])
+def test_extraction_changes_from_the_former_grader(text, expected):
+    assert ev.extract_answer(text, fallback=False) == expected
+
+
+def test_crude_correct_of_the_base_accuracy_probe():
+    assert ev.crude_correct("so \\boxed{19}", "19")
+    assert ev.crude_correct("12 + 7 = 19.", "19")  # no box: the last number
+    assert not ev.crude_correct("19 apples, then 2. Compute", "19")
+
+
 # ---------------------------------------------------------------------------------------------
 # answer checking
 # ---------------------------------------------------------------------------------------------
