@@ -36,7 +36,7 @@ Choices (the papers use existing datasets; all of this is ours):
     problem <- problem | question | prompt;  solution <- solution | privileged_context
     (GSM8K: an `answer` containing "#### n" is split into the worked solution and n; its
     <<calculator>> annotations are removed);  answer <- answer field, else the solution's last box
-    (`last_boxed`: \\boxed{}/\\fbox{}, read as LaTeX reads it; the same extractor grades responses in
+    (`last_boxed`: the last \\boxed{}/\\fbox{}; the same extractor grades responses in
     evaluate.py). A solution without \\boxed{} gets an "Answer: \\boxed{a}" line appended.
  4. A row with no problem, or with no way to get an answer, is an error naming file, line and
     field (or skipped and counted with skip_bad_rows=True); an empty result is always an error.
@@ -61,8 +61,7 @@ import re
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")  # \boxed, \fbox; not \boxedfoo
 _ARG_SKIP = re.compile(r"[ \t]*(?:\r?\n[ \t]*)?")  # spaces and one line end, as TeX skips after a command
-_CONTROL = re.compile(r"\\(?:[A-Za-z]+|.)", re.DOTALL)  # \pi, \{, \\ ...
-_NOT_AN_ARG = "}$%&#^_\r\n"  # cannot be a box's one-token argument (a 2nd line end is a blank line)
+_UNBRACED = re.compile(r"[^\s${}]+")  # an argument without braces: up to a space, $, brace or line end
 
 
 def braced_group(text, start):
@@ -89,12 +88,12 @@ def braced_group(text, start):
 def last_boxed(text):
     """The final answer in `text`: the content of its last \\boxed / \\fbox, or None if there is none.
 
-    The argument is read as LaTeX reads it: after the command, spaces (and one line end) are skipped;
-    then a {...} group gives its content, braces nested (\\boxed{\\frac{1}{2}} gives \\frac{1}{2};
-    \\{ and \\} are not braces), and anything else gives the single next token: `\\boxed 5` and
-    `\\boxed5` give 5, `\\boxed \\pi` gives \\pi, and `\\boxed 12` gives 1 (what LaTeX draws in the
-    box; the 2 is outside it). "Last" means the last box command in the text, so a box nested in
-    another wins. A box that holds nothing usable is skipped and the one before it is tried: a
+    After the command, spaces (and one line end) are skipped, as TeX skips them; then a {...} group gives its content, braces nested (\\boxed{\\frac{1}{2}} gives \\frac{1}{2};
+    \\{ and \\} are not braces). Without braces, the argument is the run of characters up to the
+    next space, `$`, brace or line end, less trailing sentence punctuation: `\\boxed 5.` and
+    `\\boxed5` give 5, `\\boxed \\pi` gives \\pi, and `\\boxed 12` gives 12. (TeX itself would box
+    only the 1; a model that writes `\\boxed 12` means 12, and the MATH graders read it so.)
+    "Last" means the last box command in the text, so a box nested in another wins. A box that holds nothing usable is skipped and the one before it is tried: a
     group that never closes (a truncated response), an empty or blank group, or a non-argument such
     as `\\boxed}` or `\\boxed$`. The result is stripped of surrounding whitespace.
 
@@ -107,11 +106,10 @@ def last_boxed(text):
             continue
         if text[j] == "{":
             content = braced_group(text, j)
-        elif text[j] == "\\":
-            control = _CONTROL.match(text, j)  # None for a lone backslash at the very end
-            content = control.group(0) if control else None
         else:
-            content = text[j] if text[j] not in _NOT_AN_ARG else None
+            run = _UNBRACED.match(text, j)  # None at $, } or a blank line: no argument
+            content = run.group(0).rstrip(".,;:") if run else None
+            content = None if content == "\\" else content  # a lone backslash at the very end
         if content is not None and content.strip():
             return content.strip()
     return None

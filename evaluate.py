@@ -30,8 +30,8 @@ Reasoning health, per model and benchmark (all from the k samples of every probl
 
 Choices (the papers are silent on these; each is ours):
  1. Extraction: the last \\boxed{...} (or \\fbox{...}), braces matched with nesting, so
-    \\boxed{\\frac{1}{2}} gives \\frac{1}{2}; `\\boxed 5` (no braces) takes the single next token, as
-    LaTeX does (`\\boxed 12` gives 1). A box whose braces never close (a truncated response), or that
+    \\boxed{\\frac{1}{2}} gives \\frac{1}{2}; `\\boxed 12` (no braces) takes the run up to the next
+    space or `$` (12, as the MATH graders read it; TeX would box only the 1). A box whose braces never close (a truncated response), or that
     is empty, is skipped. This is data.last_boxed, the one extractor, which data.py's loader also uses
     to take the answer of a user's solution.
  2. Fallback when there is no box (on by default, `--no_fallback` turns it off): the math span or

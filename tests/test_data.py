@@ -95,14 +95,14 @@ def test_last_boxed():
 BOXES = [
     ("\\fbox{7}", "7"),  # None / 7: \fbox is a box too
     ("\\boxed{5} then \\fbox{6}", "6"),  # 5 / 6: the last box of either kind
-    ("\\boxed 5", "5"),  # None / 5: no braces, the single next token
+    ("\\boxed 5", "5"),  # None / 5: no braces, the run up to the next space
     ("\\boxed5", "5"),  # None / 5
     ("$\\boxed 5$", "5"),  # None / 5
     ("\\boxed {5}", "5"),  # None / 5: spaces before the group are skipped
-    ("\\boxed 12", "1"),  # None / 12: LaTeX boxes the 1 only
-    ("\\boxed -3", "-"),  # None / -3: likewise the minus sign only
+    ("\\boxed 12", "12"),  # None / 12: the whole run, as the MATH graders read it (TeX boxes the 1)
+    ("\\boxed -3", "-3"),  # None / -3: likewise
     ("\\boxed \\pi", "\\pi"),  # None / \pi: a control word is one token
-    ("\\boxed \\frac12", "\\frac"),  # None / \frac12
+    ("\\boxed \\frac12", "\\frac12"),  # None / \frac12
     ("\\boxed{}", None),  # '' / None: an empty box holds no answer
     ("\\boxed{ }", None),  # '' / None
     ("\\boxed{4} and \\boxed{}", "4"),  # '' / 4: an empty last box is skipped
@@ -118,7 +118,7 @@ BOXES = [
 
 
 @pytest.mark.parametrize("text,expected", BOXES)
-def test_last_boxed_reads_a_box_as_latex_does(text, expected):
+def test_last_boxed_cases(text, expected):
     assert data.last_boxed(text) == expected
 
 
