@@ -41,9 +41,8 @@ Choices (the papers use existing datasets; all of this is ours):
  4. A row with no problem, or with no way to get an answer, is an error naming file, line and
     field (or skipped and counted with skip_bad_rows=True); an empty result is always an error.
 
-Base accuracy of the embedded SmolLM2-135M-Instruct (bf16, greedy, 256 new tokens, crude check:
-last \\boxed{} else last number): level 1: 2/24 on the test split; it rarely writes \\boxed{} (1/24).
-Reproduce (and get levels 2-3, greedy and T=1 sampling): python evaluate.py --base_accuracy 16
+The embedded SmolLM2-135M-Instruct rarely writes \\boxed{} and is weak at arithmetic: its accuracy on
+the test split, as evaluate.py grades it, is in README.md ("Measured"), with the command that measures it.
 
 Example:
     python data.py                      # prints a few embedded problems per level and split sizes

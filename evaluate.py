@@ -69,7 +69,6 @@ Examples:
     python evaluate.py --n_problems 20 --k 4 --max_new_tokens 256           # embedded model and test split
     python evaluate.py --model out/step_0 --model out/step_100 --data MATH-500 --data "AIME 2024" --k 16
     python evaluate.py --plot_train runs/opsd/metrics.jsonl runs/dasd/metrics.jsonl --out plots
-    python evaluate.py --base_accuracy 16        # the embedded model's base accuracy that data.py quotes
 """
 
 import argparse
@@ -712,52 +711,6 @@ def format_table(results, k):
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# base accuracy of the embedded model on the embedded problems (the numbers data.py quotes)
-# ---------------------------------------------------------------------------------------------
-
-
-def crude_correct(response, gold):
-    """A crude check for the base-accuracy probe: the last \\boxed{} (else the last number) equals gold.
-    (check_answer is the real checker; this one is kept because data.py's numbers were measured with it.)"""
-    got = last_boxed(response)
-    if got is None:
-        numbers = re.findall(r"-?\d+(?:\.\d+)?", response.replace(",", ""))
-        got = numbers[-1] if numbers else None
-    return got is not None and got.replace(",", "").strip().rstrip(".") == gold
-
-
-def base_accuracy(n_per_level=16, *, levels=(1, 2, 3), max_new_tokens=256, temperature=None, seed=0):
-    """Accuracy of the embedded model (bf16, transformers generate) on the embedded test split, per
-    level: greedy when temperature is None, else sampling at that temperature. One batch for all
-    levels (fastest on CPU). Returns {level: (accuracy, fraction with a \\boxed{})}."""
-    import torch
-
-    import model as model_lib
-    import teacher
-
-    torch.manual_seed(seed)
-    net, tok = model_lib.load()
-    test = data.embedded_split("test")
-    rows = [r for level in levels for r in [r for r in test if r["level"] == level][:n_per_level]]
-    prompts = [teacher.student_prompt_ids(tok, r["problem"]) for r in rows]
-    P = max(len(p) for p in prompts)  # left-pad by hand: generation continues every row at column P
-    batch = {"input_ids": torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in prompts]),
-             "attention_mask": torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])}
-    sample = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature, "top_k": 0}
-    with torch.no_grad():
-        out = net.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sample)
-    texts = tok.batch_decode(out[:, P:], skip_special_tokens=True)
-    result = {}
-    for level in levels:
-        idx = [i for i, r in enumerate(rows) if r["level"] == level]
-        correct = sum(crude_correct(texts[i], rows[i]["answer"]) for i in idx)
-        boxed = sum(last_boxed(texts[i]) is not None for i in idx)
-        result[level] = (correct / len(idx), boxed / len(idx))
-        print(f"level {level} T={temperature}: accuracy {correct}/{len(idx)}, boxed {boxed}/{len(idx)}", flush=True)
-    return result
-
-
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -788,9 +741,6 @@ def build_parser():
     p.add_argument("--plot_train", nargs="+", default=None, metavar="METRICS.jsonl",
                    help="draw train_curves.png from train.py metrics files; evaluates nothing unless --model is given")
     p.add_argument("--demo", action="store_true", help="print toy values of the metrics and the checker, then exit")
-    p.add_argument("--base_accuracy", type=int, default=None, metavar="N",
-                   help="print the embedded model's crude accuracy on N embedded test problems per level, greedy "
-                        "and at T=1 (the numbers data.py quotes), then exit")
     p.add_argument("--out", default="runs/eval", help="output folder: report.json, samples.jsonl, pass_at_k.png")
     return p
 
@@ -799,10 +749,6 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.demo:
         demo()
-        return 0
-    if args.base_accuracy:
-        base_accuracy(args.base_accuracy)
-        base_accuracy(args.base_accuracy, temperature=1.0)
         return 0
     os.makedirs(args.out, exist_ok=True)
     if args.plot_train:
