@@ -35,14 +35,14 @@ Choices (the papers use existing datasets; all of this is ours):
  3. User data: fields are auto-detected in this order unless given by flags:
     problem <- problem | question | prompt;  solution <- solution | privileged_context
     (GSM8K: an `answer` containing "#### n" is split into the worked solution and n; its
-    <<calculator>> annotations are removed);  answer <- answer field, else the last \\boxed{} of
-    the solution. A solution without \\boxed{} gets an "Answer: \\boxed{a}" line appended.
+    <<calculator>> annotations are removed);  answer <- answer field, else the solution's last box
+    (`last_boxed`: the last \\boxed{}/\\fbox{}; the same extractor grades responses in
+    evaluate.py). A solution without \\boxed{} gets an "Answer: \\boxed{a}" line appended.
  4. A row with no problem, or with no way to get an answer, is an error naming file, line and
     field (or skipped and counted with skip_bad_rows=True); an empty result is always an error.
 
-Base accuracy of the embedded SmolLM2-135M-Instruct (bf16, greedy, 256 new tokens, crude check:
-last \\boxed{} else last number): level 1: 2/24 on the test split; it rarely writes \\boxed{} (1/24).
-Reproduce (and get levels 2-3, greedy and T=1 sampling): python data.py --base_accuracy 16
+The embedded SmolLM2-135M-Instruct rarely writes \\boxed{} and is weak at arithmetic: its accuracy on
+the test split, as evaluate.py grades it, is in README.md ("Measured"), with the command that measures it.
 
 Example:
     python data.py                      # prints a few embedded problems per level and split sizes
@@ -55,26 +55,62 @@ import random
 import re
 
 # ---------------------------------------------------------------------------------------------
-# answers inside \boxed{...}
+# answers inside \boxed{...}: the one extractor, for the loader here and for grading (evaluate.py)
 # ---------------------------------------------------------------------------------------------
+
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")  # \boxed, \fbox; not \boxedfoo
+_ARG_SKIP = re.compile(r"[ \t]*(?:\r?\n[ \t]*)?")  # spaces and one line end, as TeX skips after a command
+_UNBRACED = re.compile(r"[^\s${}]+")  # an argument without braces: up to a space, $, brace or line end
+
+
+def braced_group(text, start):
+    """Content of the {...} group opening at text[start] == '{', or None if it never closes.
+
+    Braces nest; a backslash starts a control symbol or word, so \\{ and \\} are not braces and
+    the \\\\ in "a\\\\}" does not escape the closing brace."""
+    depth, j = 0, start
+    while j < len(text):
+        c = text[j]
+        if c == "\\":
+            j += 2  # skip the escaped character (a control word's letters hold no braces)
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1:j]
+        j += 1
+    return None
 
 
 def last_boxed(text):
-    """Content of the last \\boxed{...} in text (braces balanced), or None if there is none."""
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        i = start + len("\\boxed{")
-        depth = 1
-        j = i
-        while j < len(text) and depth > 0:
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-            j += 1
-        if depth == 0:
-            return text[i : j - 1].strip()
-        start = text.rfind("\\boxed{", 0, start)  # unbalanced: try an earlier one
+    """The final answer in `text`: the content of its last \\boxed / \\fbox, or None if there is none.
+
+    After the command, spaces (and one line end) are skipped, as TeX skips them; then a {...} group gives its content, braces nested (\\boxed{\\frac{1}{2}} gives \\frac{1}{2};
+    \\{ and \\} are not braces). Without braces, the argument is the run of characters up to the
+    next space, `$`, brace or line end, less trailing sentence punctuation: `\\boxed 5.` and
+    `\\boxed5` give 5, `\\boxed \\pi` gives \\pi, and `\\boxed 12` gives 12. (TeX itself would box
+    only the 1; a model that writes `\\boxed 12` means 12, and the MATH graders read it so.)
+    "Last" means the last box command in the text, so a box nested in another wins. A box that holds nothing usable is skipped and the one before it is tried: a
+    group that never closes (a truncated response), an empty or blank group, or a non-argument such
+    as `\\boxed}` or `\\boxed$`. The result is stripped of surrounding whitespace.
+
+    This is the one extractor of the project: data.to_row takes a user solution's answer from it
+    and evaluate.extract_answer grades responses with it (evaluate.last_boxed is this function).
+    """
+    for m in reversed(list(_BOX.finditer(text))):
+        j = _ARG_SKIP.match(text, m.end()).end()
+        if j >= len(text):
+            continue
+        if text[j] == "{":
+            content = braced_group(text, j)
+        else:
+            run = _UNBRACED.match(text, j)  # None at $, } or a blank line: no argument
+            content = run.group(0).rstrip(".,;:") if run else None
+            content = None if content == "\\" else content  # a lone backslash at the very end
+        if content is not None and content.strip():
+            return content.strip()
     return None
 
 
@@ -412,56 +448,7 @@ def load_dataset(name_or_path, *, split="train", problem_field=None, solution_fi
     return rows
 
 
-def crude_correct(response, gold):
-    """A crude check for the base-accuracy probe: the last \\boxed{} (else the last number) equals gold.
-    (evaluate.py holds the real checker.)"""
-    got = last_boxed(response)
-    if got is None:
-        numbers = re.findall(r"-?\d+(?:\.\d+)?", response.replace(",", ""))
-        got = numbers[-1] if numbers else None
-    return got is not None and got.replace(",", "").strip().rstrip(".") == gold
-
-
-def base_accuracy(n_per_level=16, *, levels=(1, 2, 3), max_new_tokens=256, temperature=None, seed=0):
-    """Accuracy of the embedded model (bf16, transformers generate) on the embedded test split, per
-    level: greedy when temperature is None, else sampling at that temperature. One batch for all
-    levels (fastest on CPU). Returns {level: (accuracy, fraction with a \\boxed{})}."""
-    import torch
-
-    import model as model_lib
-    import teacher
-
-    torch.manual_seed(seed)
-    net, tok = model_lib.load()
-    test = embedded_split("test")
-    rows = [r for level in levels for r in [r for r in test if r["level"] == level][:n_per_level]]
-    prompts = [teacher.student_prompt_ids(tok, r["problem"]) for r in rows]
-    P = max(len(p) for p in prompts)  # left-pad by hand: generation continues every row at column P
-    batch = {"input_ids": torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in prompts]),
-             "attention_mask": torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])}
-    sample = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature, "top_k": 0}
-    with torch.no_grad():
-        out = net.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sample)
-    texts = tok.batch_decode(out[:, P:], skip_special_tokens=True)
-    result = {}
-    for level in levels:
-        idx = [i for i, r in enumerate(rows) if r["level"] == level]
-        correct = sum(crude_correct(texts[i], rows[i]["answer"]) for i in idx)
-        boxed = sum(last_boxed(texts[i]) is not None for i in idx)
-        result[level] = (correct / len(idx), boxed / len(idx))
-        print(f"level {level} T={temperature}: accuracy {correct}/{len(idx)}, boxed {boxed}/{len(idx)}", flush=True)
-    return result
-
-
 if __name__ == "__main__":
-    import sys
-
-    if "--base_accuracy" in sys.argv:  # python data.py --base_accuracy [N per level]
-        k = sys.argv.index("--base_accuracy")
-        n = int(sys.argv[k + 1]) if len(sys.argv) > k + 1 else 16
-        base_accuracy(n)
-        base_accuracy(n, temperature=1.0)
-        sys.exit(0)
     train, test = embedded_split("train"), embedded_split("test")
     print(f"embedded train: {len(train)} rows, test: {len(test)} rows")
     for level in (1, 2, 3, 4):

@@ -30,8 +30,10 @@ Reasoning health, per model and benchmark (all from the k samples of every probl
 
 Choices (the papers are silent on these; each is ours):
  1. Extraction: the last \\boxed{...} (or \\fbox{...}), braces matched with nesting, so
-    \\boxed{\\frac{1}{2}} gives \\frac{1}{2}; `\\boxed 5` (no braces) takes the next token. A box whose
-    braces never close (a truncated response) is skipped.
+    \\boxed{\\frac{1}{2}} gives \\frac{1}{2}; `\\boxed 12` (no braces) takes the run up to the next
+    space or `$` (12, as the MATH graders read it; TeX would box only the 1). A box whose braces never close (a truncated response), or that
+    is empty, is skipped. This is data.last_boxed, the one extractor, which data.py's loader also uses
+    to take the answer of a user's solution.
  2. Fallback when there is no box (on by default, `--no_fallback` turns it off): the math span or
     number right after the last "answer is" / "answer:" (after the last "=" if that sentence is an
     equation: "the answer is 10 + 2 = 12" gives 12), i.e. an answer the model declared. Small
@@ -83,43 +85,16 @@ import time
 from collections import Counter
 from functools import lru_cache
 
+import data
+from data import braced_group, last_boxed  # the one answer extractor (evaluate.last_boxed is data.last_boxed)
+
 # ---------------------------------------------------------------------------------------------
 # answer extraction
 # ---------------------------------------------------------------------------------------------
 
-_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+)?")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)", re.IGNORECASE)
 _MATH_SPAN = re.compile(r"\s*(?:\$\$?|\\\(|\\\[)(.+?)(?:\$\$?|\\\)|\\\])", re.DOTALL)
-
-
-def _braced(text, start):
-    """Content of the {...} group opening at text[start] == '{', braces nested; None if unclosed."""
-    depth = 0
-    for j in range(start, len(text)):
-        if text[j] == "{" and (j == 0 or text[j - 1] != "\\"):
-            depth += 1
-        elif text[j] == "}" and text[j - 1] != "\\":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:j]
-    return None
-
-
-def last_boxed(text):
-    """The content of the last \\boxed{...} / \\fbox{...} / `\\boxed 5` in text, or None (choice 1)."""
-    for m in reversed(list(_BOX.finditer(text))):
-        j = m.end()
-        while j < len(text) and text[j] in " \t":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            content = _braced(text, j)
-        else:  # `\boxed 5`: the next whitespace-delimited token, without closing punctuation/dollars
-            tok = re.match(r"[^\s$]+", text[j:])
-            content = tok.group(0).rstrip(".,;") if tok else None
-        if content is not None and content.strip():
-            return content.strip()
-    return None
 
 
 def _fallback_answer(text):
@@ -238,7 +213,7 @@ def too_costly(s):
     for m in re.finditer(r"\^\s*", s):
         j = m.end()
         if j < len(s) and s[j] == "{":
-            exponent = _braced(s, j) or ""
+            exponent = braced_group(s, j) or ""
             end = j + len(exponent) + 2
         else:
             tok = re.match(r"[\w.]+", s[j:])
@@ -528,8 +503,6 @@ def load_problems(name_or_path, split="test"):
     """A named benchmark (hub), 'embedded:test', or a local JSONL/JSON/Parquet file (data.py)."""
     if benchmark_name(name_or_path) is not None and not os.path.exists(name_or_path):
         return load_benchmark(name_or_path)
-    import data
-
     return data.load_dataset(name_or_path, split=split)
 
 

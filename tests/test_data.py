@@ -1,12 +1,14 @@
 """Tests for data.py: the embedded generator (determinism, disjoint splits, correct arithmetic) and the loader."""
 
 import json
+import os
 import re
 
 import pytest
 
 import data
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"id", "problem", "solution", "answer", "level"}
 
 
@@ -86,6 +88,85 @@ def test_last_boxed():
     assert data.last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
     assert data.last_boxed("no box") is None
     assert data.last_boxed("\\boxed{3} then \\boxed{4") == "3"  # an unclosed box is skipped
+
+
+# Cases on which data.py's and evaluate.py's former extractors disagreed (old data / old evaluate in
+# the comment), plus the line-end cases both got wrong. One extractor now reads a box as LaTeX does.
+BOXES = [
+    ("\\fbox{7}", "7"),  # None / 7: \fbox is a box too
+    ("\\boxed{5} then \\fbox{6}", "6"),  # 5 / 6: the last box of either kind
+    ("\\boxed 5", "5"),  # None / 5: no braces, the run up to the next space
+    ("\\boxed5", "5"),  # None / 5
+    ("$\\boxed 5$", "5"),  # None / 5
+    ("\\boxed {5}", "5"),  # None / 5: spaces before the group are skipped
+    ("\\boxed 12", "12"),  # None / 12: the whole run, as the MATH graders read it (TeX boxes the 1)
+    ("\\boxed -3", "-3"),  # None / -3: likewise
+    ("\\boxed \\pi", "\\pi"),  # None / \pi: a control word is one token
+    ("\\boxed \\frac12", "\\frac12"),  # None / \frac12
+    ("\\boxed{}", None),  # '' / None: an empty box holds no answer
+    ("\\boxed{ }", None),  # '' / None
+    ("\\boxed{4} and \\boxed{}", "4"),  # '' / 4: an empty last box is skipped
+    ("\\boxed{a \\{ b}", "a \\{ b"),  # None / 'a \{ b': \{ is not a brace
+    ("\\boxed{a\\\\}", "a\\\\"),  # 'a\\' / None: \\ is a line break, the } after it closes the box
+    ("\\boxed\n5", "5"),  # None / None: one line end is a space to LaTeX
+    ("\\boxed\n\n5", None),  # a blank line is a paragraph break, not an argument
+    ("\\boxed}", None),
+    ("\\boxed$5$", None),
+    ("the answer is \\boxed", None),
+    ("\\boxed\\", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", BOXES)
+def test_last_boxed_cases(text, expected):
+    assert data.last_boxed(text) == expected
+
+
+@pytest.mark.parametrize("solution,answer", [("so \\fbox{7}", "7"), ("so \\boxed 5.", "5"),
+                                             ("\\boxed{4}, not \\boxed{}", "4")])
+def test_to_row_takes_the_answer_with_the_same_extractor(solution, answer):
+    row = data.to_row({"problem": "p", "solution": solution}, where="t")
+    assert row["answer"] == answer
+    if "\\boxed{" not in solution:  # the canonical answer line is appended
+        assert row["solution"] == solution + f"\nAnswer: \\boxed{{{answer}}}"
+
+
+def test_data_imports_no_project_module_or_heavy_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, data; heavy = {'torch', 'transformers', 'math_verify', 'numpy', 'teacher', 'evaluate',"
+            " 'model', 'rollout', 'train'}; print(sorted(heavy & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_import_cycle_among_the_project_modules():
+    """Every import of a project module (top level or inside a function) is an edge; no cycles."""
+    import ast
+    import os
+
+    mods = ["data", "teacher", "evaluate", "losses", "entropy", "exposure", "rollout", "model", "train"]
+    graph = {}
+    for m in mods:
+        tree = ast.parse(open(os.path.join(ROOT, m + ".py")).read())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[m] = (names & set(mods)) - {m}
+    done, on_path = set(), []
+
+    def visit(m):
+        assert m not in on_path, "import cycle: " + " -> ".join(on_path[on_path.index(m):] + [m])
+        if m in done:
+            return
+        on_path.append(m)
+        for n in sorted(graph[m]):
+            visit(n)
+        on_path.pop()
+        done.add(m)
+
+    for m in mods:
+        visit(m)
 
 
 # ------------------------------------------------------------------ loader

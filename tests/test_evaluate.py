@@ -130,6 +130,20 @@ def test_extraction_table(text, strict, loose):
     assert ev.extract_answer(text) == loose  # the fallback is on by default
 
 
+def test_one_extractor_for_grading_and_for_loading():
+    import data
+
+    assert ev.last_boxed is data.last_boxed
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("\\boxed{a\\\\}", "a\\\\"),  # formerly None: \\ is a line break, not an escaped brace
+    ("\\boxed\n5", "5"),  # formerly None: one line end is a space
+])
+def test_extraction_changes_from_the_former_grader(text, expected):
+    assert ev.extract_answer(text, fallback=False) == expected
+
+
 # ---------------------------------------------------------------------------------------------
 # answer checking
 # ---------------------------------------------------------------------------------------------
