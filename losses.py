@@ -6,7 +6,8 @@ Papers:
   GKD   "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"     arXiv 2306.13649
   GRPO  "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models"   arXiv 2402.03300
 
-Dims: B sequences, G samples per prompt, T response tokens, V vocabulary, H hidden size, N valid tokens, C chunk.
+Dims: B sequences, G samples per prompt, T response tokens, V vocabulary, H hidden size, N valid tokens, C chunk,
+K = min(topk, V) entries of the top-k support.
 p_S = softmax(z_S / temp) is the student (gets gradients), p_T = softmax(z_T / temp) the teacher (a constant).
 
 Equations, per response position t (all sums over the vocabulary v):
@@ -19,6 +20,13 @@ Equations, per response position t (all sums over the vocabulary v):
   OPSD per-entry clip at tau (0.05 in the paper): every summand s_v is replaced by min(s_v, tau) before the sum.
   OPSD loss:  L = sum_t mask_t D_t / sum_t mask_t                                 (token mean over the batch)
 
+  Top-k support (topk = k, OPSD's top_k_loss; None = the full vocabulary):
+    S_t   = the k entries of largest z_T / temp                                   (the teacher's top-k, K = min(k, V))
+    p^k(v) = exp(z(v) / temp) / sum_{u in S_t} exp(z(u) / temp),  v in S_t         (each side renormalized over S_t)
+    D_t   = the divergence above, with its per-entry clip, on p_S^k and p_T^k, summed over v in S_t only.
+    k >= V gives the full-vocabulary D_t (the same entries, reordered). The selection depends on the teacher only,
+    so no gradient flows through it; the student's gradient lives on the k entries of S_t.
+
   DASD router (per trajectory; H_t the student's entropy, detached):
     tau_rho = threshold such that the top rho (= push_fraction) of the trajectory's tokens have H_t > tau_rho
     s_H     = mean_t |H_t - mean(H)|                                              (mean absolute deviation)
@@ -26,6 +34,7 @@ Equations, per response position t (all sums over the vocabulary v):
   DASD KL form:
     L_t = max(w_t, 0) * D_pull_t  -  push_weight * max(-w_t, 0) * min(D_push_t, push_margin)
     D_pull = the OPSD divergence above, D_push = JSD (beta = 0.5, no clip), 0 <= D_push <= log 2
+    (with topk both D_pull and D_push are taken on the top-k support S_t; the router's H_t is not, see 10.)
   DASD token-advantage form (sampled token y_t):
     d_t = log p_T(y_t) - log p_S(y_t), standardized within the trajectory
     A_t = A_group + coef * w_t * sigmoid(|d_t| - 1) * d_t
@@ -62,6 +71,14 @@ Departures and choices where the papers are silent:
      work buffers allocated once; the lm_head matmuls keep chunk_size rows (a wide matmul, fewer passes over
      the (V, H) gradient). The per-token factor of the gradient is applied to the (C, H) side of the matmuls.
      The weight gradient is accumulated in the weight's dtype (bf16 rounding per chunk for a bf16 model).
+     With topk the same formula holds on the k entries of S_t (p_S^k in place of p_S) and dL/dz is 0 elsewhere:
+     the row's gradient is scattered into a zeroed row, so the lm_head matmuls stay dense (C, V) ones.
+ 10. Top-k support: the DASD router keeps the student's FULL-vocabulary entropy H_t (the gate asks how uncertain
+     the student is, which the top-k renormalization would distort: a flat tail outside the teacher's k entries
+     is invisible to it); only D_pull and D_push use the top-k support. The logged metrics (student entropy,
+     unclipped KL(p_T || p_S)) also stay full-vocabulary, so runs with and without topk log comparable numbers.
+     The selection is torch.topk of the teacher's logits in their own dtype (dividing by temp > 0 keeps the
+     order); which of several tied logits at the k-th place is kept is torch.topk's choice.
 
 Run the demo:
     python losses.py
@@ -120,20 +137,46 @@ def divergence_from_logprobs(logp_s, logp_t, *, beta=0.0, clip=None):
     return terms.sum(-1)  # (...)
 
 
-def divergence(student_logits, teacher_logits, *, beta=0.0, temperature=1.0, clip=None):
+def topk_support(teacher_logits, topk):
+    """Indices of the teacher's topk largest logits, K = min(topk, V): all V, reordered, when topk >= V.
+
+    teacher_logits: (..., V) -> (..., K) long. OPSD takes the top-k of z_T / temp; dividing by temp > 0 keeps the
+    order, so the top-k of z_T itself are the same entries, without a (..., V) copy.
+    """
+    assert topk >= 1, "topk is the number of teacher entries kept (None for the full vocabulary)"
+    return teacher_logits.detach().topk(min(topk, teacher_logits.shape[-1]), dim=-1).indices  # (..., K)
+
+
+def support_logprobs(student_logits, teacher_logits, *, temperature=1.0, topk=None):
+    """Both sides' log-probs on the loss's support, in a common float dtype; the teacher side is detached.
+
+    topk=None: log softmax over the full vocabulary, (..., V) x 2. Else OPSD's top-k support: gather both sides'
+    logits at the teacher's top-k entries and log softmax over those k, so each side sums to 1 on them: (..., K) x 2.
+    """
+    # The teacher is a target, not a model being trained: detach so no gradient reaches it (in OPSD the teacher
+    # can share weights with the student; without the detach the student would also be trained "as teacher").
+    z_t = teacher_logits.detach()  # (..., V)
+    z_s = student_logits  # (..., V)
+    if topk is not None:
+        top = topk_support(z_t, topk)  # (..., K) the support depends on the teacher only: no gradient through it
+        z_s, z_t = z_s.gather(-1, top), z_t.gather(-1, top)  # (..., K) each, still raw logits
+    logp_t = logprobs(z_t, temperature)  # (..., V) or (..., K)
+    logp_s = logprobs(z_s, temperature)  # (..., V) or (..., K)
+    if logp_s.dtype != logp_t.dtype:
+        dtype = torch.promote_types(logp_s.dtype, logp_t.dtype)
+        logp_s, logp_t = logp_s.to(dtype), logp_t.to(dtype)
+    return logp_s, logp_t
+
+
+def divergence(student_logits, teacher_logits, *, beta=0.0, temperature=1.0, clip=None, topk=None):
     """Per-position divergence between softmax(student/temp) and softmax(teacher/temp), summed over V.
 
     beta=0 is KL(p_T || p_S) (forward), beta=1 is KL(p_S || p_T) (reverse), in between the generalized JSD of GKD;
     with clip=None it equals TRL's GKDTrainer.generalized_jsd_loss(reduction="none").sum(-1).
+    topk: restrict to the teacher's top-k entries, both sides renormalized over them (see support_logprobs).
     student_logits, teacher_logits: (..., V). Returns (...) in float32 (float64 for float64 input).
     """
-    # The teacher is a target, not a model being trained: detach so no gradient reaches it (in OPSD the teacher
-    # can share weights with the student; without the detach the student would also be trained "as teacher").
-    logp_t = logprobs(teacher_logits.detach(), temperature)  # (..., V)
-    logp_s = logprobs(student_logits, temperature)  # (..., V)
-    if logp_s.dtype != logp_t.dtype:
-        dtype = torch.promote_types(logp_s.dtype, logp_t.dtype)
-        logp_s, logp_t = logp_s.to(dtype), logp_t.to(dtype)
+    logp_s, logp_t = support_logprobs(student_logits, teacher_logits, temperature=temperature, topk=topk)
     return divergence_from_logprobs(logp_s, logp_t, beta=beta, clip=clip)  # (...)
 
 
@@ -157,15 +200,33 @@ def masked_token_mean(values, mask):
 # OPSD
 
 
-def opsd_loss(student_logits, teacher_logits, mask, *, beta=0.0, clip=0.05, temperature=1.0):
-    """OPSD: token mean of the (clipped) divergence. Logits (B, T, V), mask (B, T). Returns (loss, metrics)."""
-    logp_s = logprobs(student_logits, temperature)  # (B, T, V)
-    logp_t = logprobs(teacher_logits.detach(), temperature).to(logp_s.dtype)  # (B, T, V); teacher is a constant
-    div = divergence_from_logprobs(logp_s, logp_t, beta=beta, clip=clip)  # (B, T) per-token loss
+def opsd_loss(student_logits, teacher_logits, mask, *, beta=0.0, clip=0.05, temperature=1.0, topk=None):
+    """OPSD: token mean of the (clipped) divergence. Logits (B, T, V), mask (B, T). Returns (loss, metrics).
+
+    topk: the divergence is taken on the teacher's top-k entries, both sides renormalized over them (None: all V);
+    the logged entropy and KL stay full-vocabulary.
+    """
+    logp_s, logp_t, loss_s, loss_t = _loss_logprobs(student_logits, teacher_logits, temperature, topk)
+    div = divergence_from_logprobs(loss_s, loss_t, beta=beta, clip=clip)  # (B, T) per-token loss
     loss = masked_token_mean(div, mask)
     metrics = _log_metrics(logp_s, logp_t, mask)
     metrics["loss/div"] = loss.detach()
     return loss, metrics
+
+
+def _loss_logprobs(student_logits, teacher_logits, temperature, topk):
+    """Full-vocabulary log-probs (metrics, DASD's router) and the divergence's log-probs, in the student's dtype.
+
+    Returns (logp_s, logp_t, loss_s, loss_t): logp_* (B, T, V); loss_* the same tensors for topk=None, else the
+    top-k support's (B, T, K) ones (support_logprobs).
+    """
+    # with topk the full log-probs only feed the metrics and the router: detached, no graph kept for them
+    logp_s = logprobs(student_logits if topk is None else student_logits.detach(), temperature)  # (B, T, V)
+    logp_t = logprobs(teacher_logits.detach(), temperature).to(logp_s.dtype)  # (B, T, V); teacher is a constant
+    if topk is None:
+        return logp_s, logp_t, logp_s, logp_t
+    loss_s, loss_t = support_logprobs(student_logits, teacher_logits, temperature=temperature, topk=topk)
+    return logp_s, logp_t, loss_s.to(logp_s.dtype), loss_t.to(logp_s.dtype)  # (B, T, K) each
 
 
 @torch.no_grad()  # diagnostics only: never part of the gradient
@@ -214,7 +275,8 @@ def entropy_gate(entropy, mask, *, push_fraction=0.2, soft=True):
 
 
 def dasd_token_loss(logp_s, logp_t, gate, *, beta=0.0, clip=0.05, push_weight=1.0, push_margin=0.1):
-    """Per-token DASD KL form. logp_s, logp_t: (..., V); gate: (...). Returns (loss_t, pull_t, push_t), each (...).
+    """Per-token DASD KL form. logp_s, logp_t: (..., V), or (..., K) on the top-k support (support_logprobs);
+    gate: (...). Returns (loss_t, pull_t, push_t), each (...).
 
     loss_t = max(gate, 0) * D_pull - push_weight * max(-gate, 0) * min(D_push, push_margin), push_t >= 0.
     """
@@ -232,17 +294,18 @@ def dasd_token_loss(logp_s, logp_t, gate, *, beta=0.0, clip=0.05, push_weight=1.
 
 
 def dasd_loss(student_logits, teacher_logits, mask, *, push_fraction=0.2, soft=True, beta=0.0, clip=0.05,
-              push_weight=1.0, push_margin=0.1, temperature=1.0):
+              push_weight=1.0, push_margin=0.1, temperature=1.0, topk=None):
     """DASD KL form: entropy-routed pull (OPSD divergence) / push (margin-capped JSD). Returns (loss, metrics).
 
     student_logits, teacher_logits: (B, T, V), mask: (B, T). Floor: loss >= -push_weight * push_margin when
     clip=None (see the module docstring for the clipped case).
+    topk: D_pull and D_push are taken on the teacher's top-k entries, both sides renormalized over them; the
+    router still reads the student's FULL-vocabulary entropy (module docstring, 10), and the metrics stay full.
     """
-    logp_s = logprobs(student_logits, temperature)  # (B, T, V)
-    logp_t = logprobs(teacher_logits.detach(), temperature).to(logp_s.dtype)  # (B, T, V); teacher is a constant
-    ent = entropy_from_logprobs(logp_s.detach())  # (B, T); detached: the router is not trained
+    logp_s, logp_t, loss_s, loss_t = _loss_logprobs(student_logits, teacher_logits, temperature, topk)
+    ent = entropy_from_logprobs(logp_s.detach())  # (B, T) full vocabulary; detached: the router is not trained
     gate = entropy_gate(ent, mask, push_fraction=push_fraction, soft=soft)  # (B, T)
-    loss_t, pull_t, push_t = dasd_token_loss(logp_s, logp_t, gate.to(logp_s.dtype), beta=beta, clip=clip,
+    loss_t, pull_t, push_t = dasd_token_loss(loss_s, loss_t, gate.to(loss_s.dtype), beta=beta, clip=clip,
                                              push_weight=push_weight, push_margin=push_margin)  # (B, T) each
     loss = masked_token_mean(loss_t, mask)
     metrics = _log_metrics(logp_s, logp_t, mask)
@@ -406,7 +469,7 @@ def _segments(c0, c1, step, cuts):
 
 def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden, teacher_lm_head_weight, mask, *,
                          method="opsd", chunk_size=256, math_rows=16, beta=0.0, clip=0.05, temperature=1.0,
-                         push_fraction=0.2, soft=True, push_weight=1.0, push_margin=0.1):
+                         push_fraction=0.2, soft=True, push_weight=1.0, push_margin=0.1, topk=None):
     """opsd_loss / dasd_loss on logits = hidden @ W.T, never holding more than chunk_size x V logits.
 
     student_hidden: (B, T, H) final hidden states (after the last norm) at the positions predicting the response
@@ -414,13 +477,16 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
     mask: (B, T). Gradients reach student_hidden and student_lm_head_weight; the teacher side is a constant.
     chunk_size: token rows per lm_head matmul (C x V logits in the model dtype); math_rows: rows of float32
     softmax math at a time inside a chunk (five math_rows x V float work buffers, reused by every block).
+    topk: the divergences on the teacher's top-k support, as in opsd_loss / dasd_loss (None: all V); DASD's
+    router and the metrics stay full-vocabulary.
     Returns (loss, metrics) with the same keys as the plain functions. One backward pass per call.
 
     Same values and gradients as the plain path (tests check it to 1e-12 in float64), but the gradient of the
     logits is written out by hand instead of asking autograd: with w = -dL/dlog p_S (see _divergence_and_w),
         dL/dz = (p_S * sum_v w - w) / temperature          (the softmax Jacobian applied to -w)
     which takes a few elementwise passes over each row instead of autograd's recorded graph, and gives the logged
-    entropy and unclipped KL from quantities the loss already needs.
+    entropy and unclipped KL from quantities the loss already needs. With topk, log p_S^k = z_k/temp - logsumexp(
+    z_k/temp) on the k entries only, so the same formula with p_S^k holds on those k and dL/dz = 0 on the others.
     """
     assert method in ("opsd", "dasd")
     B, T, H = student_hidden.shape
@@ -530,10 +596,19 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
                 p_t = torch.exp(logp_t, out=work("p_t", R))  # (R, V)
                 tmp = work("tmp", R)  # (R, V)
                 # logged metrics the loss below does not give for free (DASD has the entropies already)
+                kl_free = beta == 0.0 and r0 < n_pull and topk is None  # from _divergence_and_w, full-vocab KL
                 if method == "opsd":
                     add("entropy/student", -_rowdot(p_s, logp_s, tmp))
-                if beta != 0.0 or r0 >= n_pull:  # forward-KL rows get it from _divergence_and_w
+                if not kl_free:
                     add("kl/teacher_student", _rowdot(p_t, logp_t, tmp) - _rowdot(p_t, logp_s, tmp))
+                if topk is not None:
+                    # From here on the loss's support is the teacher's top-k (the metrics above saw all V): the
+                    # names now hold (R, K) tensors, each side's logits gathered and renormalized over the k
+                    # entries, exactly as support_logprobs does for the plain path.
+                    top = topk_support(z_t[rows], topk)  # (R, K)
+                    logp_s = logprobs(z_s[rows].gather(-1, top), temperature)  # (R, K)
+                    logp_t = logprobs(z_t[rows].gather(-1, top), temperature).to(fdtype)  # (R, K)
+                    p_s, p_t, tmp = logp_s.exp(), logp_t.exp(), torch.empty_like(logp_s)  # (R, K) each
                 if method == "opsd":
                     d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=beta, clip=clip, out=tmp)
                     a = torch.full_like(d, inv_n)  # (R,) d(loss)/d(D_t)
@@ -551,15 +626,19 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
                     a = torch.where(d <= push_margin, -push_weight * g * inv_n, 0.0)  # flat past the margin
                     loss_t = -push_t
                     add("loss/push", push_t)
-                if kl is not None:
+                if kl_free:
                     add("kl/teacher_student", kl)
                 loss += loss_t.double().sum() * inv_n
                 if need_grad:
                     # dL/dz = -(a / temperature) * (w - sum(w) p_S). The bracket is written straight into the
                     # model-dtype buffer (one pass); the per-row factor is applied to the (C, H) side of the
                     # matmuls below, which is V / H times smaller than scaling the (C, V) logits' gradient.
-                    w = w.addcmul_(p_s, w.sum(-1, keepdim=True), value=-1.0)  # (R, V) w - sum(w) p_S
-                    dz[rows] = w  # over z_s's rows, cast to the model dtype
+                    w = w.addcmul_(p_s, w.sum(-1, keepdim=True), value=-1.0)  # (R, V) or (R, K) w - sum(w) p_S
+                    if topk is None:
+                        dz[rows] = w  # over z_s's rows, cast to the model dtype
+                    else:  # 0 off the support, the k entries scattered into place (K < V: a zeroed row first)
+                        dz[rows] = 0
+                        dz[rows].scatter_(-1, top, w.to(dz.dtype))
                     scale[rows] = -a / temperature  # (R,)
                 del logp_s, logp_t, p_s, p_t, w, tmp
             if need_grad:
@@ -613,6 +692,10 @@ if __name__ == "__main__":
     print(f"\nOPSD loss {loss.item():.4f}", {k: round(v.item(), 4) for k, v in m.items()})
     loss, m = dasd_loss(zs, zt, mask)
     print(f"DASD loss {loss.item():.4f}", {k: round(v.item(), 4) for k, v in m.items()})
+    # top-k support: the teacher's 3 most likely of the 11 entries, both sides renormalized over them
+    print(f"top-3 support: OPSD loss {opsd_loss(zs, zt, mask, topk=3)[0].item():.4f}, "
+          f"DASD loss {dasd_loss(zs, zt, mask, topk=3)[0].item():.4f} (topk={V}: "
+          f"{opsd_loss(zs, zt, mask, topk=V)[0].item():.4f}, {dasd_loss(zs, zt, mask, topk=V)[0].item():.4f})")
 
     Hd = 6
     h_s, h_t = torch.randn(B, T, Hd, requires_grad=True), torch.randn(B, T, Hd)
@@ -622,6 +705,12 @@ if __name__ == "__main__":
     chunk, _ = chunked_distill_loss(h_s, W_s, h_t, W_t, mask, method="dasd", chunk_size=3)
     g_chunk = torch.autograd.grad(chunk, (h_s, W_s))
     print(f"\nchunked vs plain DASD: loss {chunk.item():.6f} vs {plain.item():.6f}, max grad diff "
+          f"{max((a - b).abs().max().item() for a, b in zip(g_plain, g_chunk)):.2e}")
+    plain, _ = dasd_loss(h_s @ W_s.T, h_t @ W_t.T, mask, topk=3)
+    g_plain = torch.autograd.grad(plain, (h_s, W_s))
+    chunk, _ = chunked_distill_loss(h_s, W_s, h_t, W_t, mask, method="dasd", chunk_size=3, topk=3)
+    g_chunk = torch.autograd.grad(chunk, (h_s, W_s))
+    print(f"the same with topk=3: loss {chunk.item():.6f} vs {plain.item():.6f}, max grad diff "
           f"{max((a - b).abs().max().item() for a, b in zip(g_plain, g_chunk)):.2e}")
 
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])

@@ -8,6 +8,11 @@ Every variant starts from the same inputs (student and teacher final hidden stat
   plain-dasd    the same logits, then losses.dasd_loss
   chunked-opsd  losses.chunked_distill_loss(method="opsd"): at most chunk_size x V logits at a time
   chunked-dasd  losses.chunked_distill_loss(method="dasd")
+  *-topK        a plain or chunked variant with topk=K: the divergence on the teacher's K most likely entries,
+                both sides renormalized over them (OPSD's top_k_loss). The default runs chunked-opsd-top50 and
+                chunked-dasd-top50: K = 50 is the value of OPSD's own top-k script (scripts/run_opsd_topkloss.sh).
+                Any K can be named, e.g. --variants chunked-opsd-top1000 plain-dasd-top20 (a wide support
+                shows how the cost of the selection, torch.topk over V per row, grows with K).
 
 Each variant runs in its own process (a fresh allocator, so one variant's peak cannot hide in another's cache):
 after a small warm-up and after building the inputs, the process resets its peak-RSS counter
@@ -22,17 +27,36 @@ this CPU. The full size needs about 8 GB free for TRL and more for the plain var
     python bench/loss_memory.py --T 512 --V 32768 --H 1024    # medium
     python bench/loss_memory.py                               # full size, every variant
     python bench/loss_memory.py --variants trl chunked-opsd chunked-dasd
+    python bench/loss_memory.py --variants chunked-opsd chunked-opsd-top50 chunked-dasd chunked-dasd-top50
 """
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ["trl", "plain-opsd", "plain-dasd", "chunked-opsd", "chunked-dasd"]
+VARIANTS = ["trl", "plain-opsd", "plain-dasd", "chunked-opsd", "chunked-dasd", "chunked-opsd-top50",
+            "chunked-dasd-top50"]
+VARIANT_RE = re.compile(r"trl|(plain|chunked)-(opsd|dasd)(?:-top([1-9][0-9]*))?")
+
+
+def variant_name(name):
+    """argparse type: trl, plain-opsd, chunked-dasd, ..., each of the last four optionally with -topK."""
+    if not VARIANT_RE.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"{name!r}: trl or (plain|chunked)-(opsd|dasd)[-topK], e.g. plain-dasd-top50")
+    return name
+
+
+def parse_variant(name):
+    """'chunked-dasd-top50' -> ('chunked', 'dasd', 50); 'plain-opsd' -> ('plain', 'opsd', None); 'trl' -> trl."""
+    if name == "trl":
+        return "trl", None, None
+    m = VARIANT_RE.fullmatch(name)
+    return m.group(1), m.group(2), int(m.group(3)) if m.group(3) else None
 
 
 def proc_status_kb(field):
@@ -62,14 +86,15 @@ def step(variant, h_s, W_s, h_t, W_t, mask, chunk_size, math_rows=16):
 
     import losses
 
-    if variant.startswith("chunked"):
-        loss, _ = losses.chunked_distill_loss(h_s, W_s, h_t, W_t, mask, method=variant.split("-")[1],
-                                              chunk_size=chunk_size, math_rows=math_rows)
+    kind, method, topk = parse_variant(variant)
+    if kind == "chunked":
+        loss, _ = losses.chunked_distill_loss(h_s, W_s, h_t, W_t, mask, method=method, chunk_size=chunk_size,
+                                              math_rows=math_rows, topk=topk)
     else:
         z_s = h_s @ W_s.T  # (1, T, V) student logits, in the graph
         with torch.no_grad():
             z_t = h_t @ W_t.T  # (1, T, V) teacher logits, no graph
-        if variant == "trl":
+        if kind == "trl":
             os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
             try:
                 from trl.experimental.gkd.gkd_trainer import GKDTrainer
@@ -77,10 +102,10 @@ def step(variant, h_s, W_s, h_t, W_t, mask, chunk_size, math_rows=16):
                 from trl.trainer.gkd_trainer import GKDTrainer
             labels = torch.where(mask, 0, -100)  # (1, T) TRL masks with -100 labels
             loss = GKDTrainer.generalized_jsd_loss(z_s, z_t, labels=labels, beta=0.0, temperature=1.0)
-        elif variant == "plain-opsd":
-            loss, _ = losses.opsd_loss(z_s, z_t, mask)
+        elif method == "opsd":
+            loss, _ = losses.opsd_loss(z_s, z_t, mask, topk=topk)
         else:
-            loss, _ = losses.dasd_loss(z_s, z_t, mask)
+            loss, _ = losses.dasd_loss(z_s, z_t, mask, topk=topk)
         del z_t
     loss.backward()
     return loss.item()
@@ -131,17 +156,16 @@ def driver(args):
                "--math-rows", str(args.math_rows), "--repeat", str(args.repeat)]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
-            print(f"{v:14s} FAILED (exit {out.returncode}):\n{out.stderr[-2000:]}", flush=True)
+            print(f"{v:20s} FAILED (exit {out.returncode}):\n{out.stderr[-2000:]}", flush=True)
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         results[v] = r
-        print(f"{v:14s} peak extra {r['peak_extra_mb']:9.1f} MiB   fwd+bwd {r['time_s']:7.2f} s   "
+        print(f"{v:20s} peak extra {r['peak_extra_mb']:9.1f} MiB   fwd+bwd {r['time_s']:7.2f} s   "
               f"loss {r['loss']:.5f}", flush=True)
     if "trl" in results:
         trl = results["trl"]
-        for v in ("chunked-opsd", "chunked-dasd", "plain-opsd", "plain-dasd"):
-            if v in results:
-                r = results[v]
+        for v, r in results.items():
+            if v != "trl":
                 print(f"{v} / trl: memory {r['peak_extra_mb'] / trl['peak_extra_mb']:.3f}   "
                       f"time {r['time_s'] / trl['time_s']:.3f}")
     if args.json:
@@ -151,8 +175,9 @@ def driver(args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variant", choices=VARIANTS, help="run one variant in this process (used by the driver)")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="variants the driver runs")
+    p.add_argument("--variant", type=variant_name, help="run one variant in this process (used by the driver)")
+    p.add_argument("--variants", nargs="+", type=variant_name, default=VARIANTS,
+                   help="variants the driver runs: trl or (plain|chunked)-(opsd|dasd)[-topK]")
     p.add_argument("--T", type=int, default=2048, help="response tokens")
     p.add_argument("--V", type=int, default=151936, help="vocabulary size")
     p.add_argument("--H", type=int, default=2048, help="hidden size")

@@ -62,6 +62,41 @@ def brute_gate(ent, mask, rho, soft):
     return out
 
 
+def gjsd_terms(p_t, p_s, beta):
+    """Per-entry summands of the generalized JSD (the clip caps each of them), loops over python floats."""
+    if beta == 0:
+        return [a * math.log(a / c) for a, c in zip(p_t, p_s)]
+    if beta == 1:
+        return [c * math.log(c / a) for a, c in zip(p_t, p_s)]
+    m = [beta * a + (1 - beta) * c for a, c in zip(p_t, p_s)]
+    return [beta * a * math.log(a / mm) + (1 - beta) * c * math.log(c / mm) for a, c, mm in zip(p_t, p_s, m)]
+
+
+def brute_topk(zs_row, zt_row, k, temp=1.0):
+    """Teacher's top-k by a hand sort, then both sides renormalized over those k with exp/log by hand."""
+    V = len(zt_row)
+    chosen = sorted(range(V), key=lambda v: zt_row[v], reverse=True)[:k]
+
+    def renorm(row):
+        z = [row[v] / temp for v in chosen]
+        mx = max(z)
+        log_norm = mx + math.log(sum(math.exp(x - mx) for x in z))
+        return [math.exp(x - log_norm) for x in z]
+
+    return renorm(zs_row), renorm(zt_row)  # p_S^k, p_T^k
+
+
+def brute_topk_div(zs_row, zt_row, k, beta, clip=None, temp=1.0):
+    p_s, p_t = brute_topk(zs_row, zt_row, k, temp)
+    terms = gjsd_terms(p_t, p_s, beta)
+    return sum(min(x, clip) if clip is not None else x for x in terms)
+
+
+def assert_no_ties(zt, gap=1e-3):
+    """The top-k selection must be unambiguous (and stable under finite differences): distinct teacher logits."""
+    assert (zt.sort(-1).values.diff(dim=-1) > gap).all()
+
+
 def logits_pair(B=2, T=5, V=7, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     zs = torch.randn(B, T, V, generator=g, dtype=dtype) * torch.linspace(0.3, 3.0, T, dtype=dtype)[:, None]
@@ -427,8 +462,8 @@ def chunk_setup(dtype, B=2, T=7, H=6, V=13, seed=17):
     return h_s, W_s, h_t, W_t, mask
 
 
-def plain_and_chunked(method, dtype, chunk_size, math_rows=16, **kw):
-    h_s, W_s, h_t, W_t, mask = chunk_setup(dtype)
+def plain_and_chunked(method, dtype, chunk_size, math_rows=16, V=13, **kw):
+    h_s, W_s, h_t, W_t, mask = chunk_setup(dtype, V=V)
     h_s.requires_grad_(True)
     W_s.requires_grad_(True)
     fn = opsd_loss if method == "opsd" else dasd_loss
@@ -520,6 +555,131 @@ def test_chunked_float32_hidden_with_bf16_weights():
     assert h_s.grad.dtype == torch.float32 and W16.grad.dtype == torch.bfloat16
     ref, _ = dasd_loss(h_s.detach().bfloat16() @ W16.detach().T, h_t.bfloat16() @ W_t.bfloat16().T, mask)
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Top-k teacher support
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_topk_brute_force(k, beta, clip):
+    B, T, V, temp = 2, 4, 5, 1.3
+    zs, zt = logits_pair(B=B, T=T, V=V, seed=21, dtype=torch.float64)
+    assert_no_ties(zt)
+    mask = torch.ones(B, T)
+    mask[1, 3] = 0
+    zs[1, 3] = float("nan")  # padding garbage must not leak in through the top-k path either
+    expected = {(b, t): brute_topk_div(zs[b, t].tolist(), zt[b, t].tolist(), k, beta, clip, temp)
+                for b in range(B) for t in range(T) if mask[b, t]}
+    d = divergence(zs, zt, beta=beta, clip=clip, temperature=temp, topk=k)
+    for (b, t), ref in expected.items():
+        assert abs(d[b, t].item() - ref) < 1e-12
+    loss, m = opsd_loss(zs, zt, mask, beta=beta, clip=clip, temperature=temp, topk=k)
+    assert abs(loss.item() - sum(expected.values()) / len(expected)) < 1e-12
+    # the logged metrics stay full-vocabulary
+    ent = [brute_entropy((zs[b, t] / temp).tolist()) for (b, t) in expected]
+    full_kl = [kl(softmax(zt[b, t].tolist(), temp), softmax(zs[b, t].tolist(), temp)) for (b, t) in expected]
+    assert abs(m["entropy/student"].item() - sum(ent) / len(ent)) < 1e-10
+    assert abs(m["kl/teacher_student"].item() - sum(full_kl) / len(full_kl)) < 1e-10
+
+
+def test_topk_vocabulary_size_is_full_loss():
+    zs, zt = logits_pair(B=2, T=6, V=7, seed=22, dtype=torch.float64)
+    zs.requires_grad_(True)
+    mask = torch.ones(2, 6)
+    mask[0, 4:] = 0
+    for fn, kw in ((opsd_loss, dict(beta=0.5, clip=0.05)), (dasd_loss, dict(push_fraction=0.3, push_margin=0.5))):
+        full, m_full = fn(zs, zt, mask, temperature=1.2, **kw)
+        (g_full,) = torch.autograd.grad(full, zs)
+        assert full.abs().item() > 1e-3 and g_full.abs().max() > 1e-3  # a loss that is there to be matched
+        for k in (7, 50):  # k = V: the same entries, reordered; k > V: all of them too
+            loss, m = fn(zs, zt, mask, temperature=1.2, topk=k, **kw)
+            (g,) = torch.autograd.grad(loss, zs)
+            torch.testing.assert_close(loss, full, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(g, g_full, rtol=1e-10, atol=1e-14)
+            for name in m_full:
+                torch.testing.assert_close(m[name], m_full[name], rtol=1e-12, atol=1e-14)
+        # and fewer entries is another loss
+        assert abs(fn(zs, zt, mask, temperature=1.2, topk=3, **kw)[0].item() - full.item()) > 1e-4
+    with pytest.raises(AssertionError):
+        opsd_loss(zs, zt, mask, topk=0)  # None, not 0, is the full vocabulary
+
+
+@pytest.mark.parametrize("method", ["opsd", "dasd"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_chunked_topk_equals_plain_float64(method, k):
+    for beta in (0.0, 0.5, 1.0):
+        kw = dict(beta=beta, clip=0.05, temperature=1.1, topk=k)
+        if method == "dasd":
+            kw.update(push_fraction=0.3, soft=True, push_weight=0.8, push_margin=0.3)
+        (lp, mp, gp), (lc, mc, gc) = plain_and_chunked(method, torch.float64, 3, 2, V=6, **kw)
+        torch.testing.assert_close(lc, lp, rtol=1e-12, atol=1e-12)
+        for a, b in zip(gc, gp):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert set(mc) == set(mp)
+        for name in mp:
+            torch.testing.assert_close(mc[name].double(), mp[name].double(), rtol=1e-5, atol=1e-6)
+    # the top-k path is really taken: the gradient of a student logit off the support is 0 (all of it for k = 1,
+    # where both sides are the same one-entry distribution)
+    h_s, W_s, h_t, W_t, mask = chunk_setup(torch.float64, V=6)
+    z_s = (h_s @ W_s.T).requires_grad_(True)
+    fn = opsd_loss if method == "opsd" else dasd_loss
+    (g,) = torch.autograd.grad(fn(z_s, h_t @ W_t.T, mask, topk=k)[0], z_s)
+    assert ((g != 0).sum(-1) <= k).all() and bool((g != 0).any()) == (k > 1)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gradcheck_topk(beta):
+    zs, zt = logits_pair(B=2, T=6, V=7, seed=23, dtype=torch.float64)
+    assert_no_ties(zt)  # the support is then the same under every finite-difference step
+    zs.requires_grad_(True)
+    mask = torch.ones(2, 6)
+    mask[1, 4:] = 0
+    assert torch.autograd.gradcheck(
+        lambda x: opsd_loss(x, zt, mask, beta=beta, clip=0.05, temperature=0.9, topk=3)[0], (zs,), fast_mode=True)
+    # hard gate: piecewise constant in the logits, so finite differences see the same gate as the analytic
+    # gradient (the soft gate moves with the logits, by design without a gradient); margin 1.0 > log 2: no cap
+    kw = dict(push_fraction=0.4, soft=False, beta=beta, clip=0.05, push_margin=1.0, temperature=0.9, topk=3)
+    m = dasd_loss(zs, zt, mask, **kw)[1]
+    assert 0 < m["dasd/frac_pushed"].item() < 1  # both pull and push rows are checked
+    assert torch.autograd.gradcheck(lambda x: dasd_loss(x, zt, mask, **kw)[0], (zs,), fast_mode=True)
+
+
+@pytest.mark.parametrize("soft", [True, False])
+def test_dasd_topk_gate_uses_full_vocabulary_entropy(soft):
+    B, T, V, k, temp = 2, 10, 9, 3, 1.2
+    zs, zt = logits_pair(B=B, T=T, V=V, seed=25, dtype=torch.float64)
+    assert_no_ties(zt)
+    mask = torch.ones(B, T)
+    mask[0, 8:] = 0
+    pw, margin = 0.7, 0.2
+    loss, m = dasd_loss(zs, zt, mask, push_fraction=0.3, soft=soft, clip=0.05, push_weight=pw, push_margin=margin,
+                        temperature=temp, topk=k)
+
+    def expected(ent):
+        gate = brute_gate(ent, mask.tolist(), 0.3, soft)
+        total, n, pushed, gsum = 0.0, 0, 0, 0.0
+        for b in range(B):
+            for t in range(T):
+                if mask[b, t]:
+                    w = gate[b][t]
+                    pull = brute_topk_div(zs[b, t].tolist(), zt[b, t].tolist(), k, 0.0, 0.05, temp)
+                    push = brute_topk_div(zs[b, t].tolist(), zt[b, t].tolist(), k, 0.5, None, temp)
+                    total += max(w, 0) * pull - pw * max(-w, 0) * min(push, margin)
+                    n, pushed, gsum = n + 1, pushed + (w < 0), gsum + w
+        return total / n, pushed / n, gsum / n
+
+    full_ent = [[brute_entropy((zs[b, t] / temp).tolist()) for t in range(T)] for b in range(B)]
+    topk_ent = [[-sum(p * math.log(p) for p in brute_topk(zs[b, t].tolist(), zt[b, t].tolist(), k, temp)[0])
+                 for t in range(T)] for b in range(B)]
+    loss_ref, frac_ref, gate_ref = expected(full_ent)
+    assert abs(loss.item() - loss_ref) < 1e-12
+    assert abs(m["dasd/frac_pushed"].item() - frac_ref) < 1e-6
+    assert abs(m["dasd/gate_mean"].item() - gate_ref) < 1e-6
+    # the test can tell: a router reading the top-k renormalized entropy would give another loss
+    assert abs(expected(topk_ent)[0] - loss_ref) > 1e-4
 
 
 def test_modules_import_only_torch():
