@@ -135,6 +135,9 @@ class Config:
     """DASD: cap of the bounded push divergence (None = the default in losses.py)."""
     adv_coef: float = 1.0
     """dasd_adv: coefficient of the entropy-routed teacher shaping term in the token advantage."""
+    topk: typing.Optional[int] = None
+    """opsd/dasd: the divergence on the teacher's top-k vocabulary entries, both sides renormalized over
+    them (OPSD's top_k_loss); None = the full vocabulary. DASD's router keeps the full-vocabulary entropy."""
     chunk_size: int = 0
     """>0: compute the distillation loss from hidden states in chunks of this many tokens, never
     holding the full (T, V) logits (use for large vocabularies such as Qwen3's 151,936)."""
@@ -264,6 +267,8 @@ def check_config(cfg):
         errors.append("--temperature must be > 0 (on-policy distillation needs sampled rollouts)")
     if cfg.dtype not in ("bfloat16", "float32"):
         errors.append(f"--dtype {cfg.dtype!r}: choose bfloat16 or float32")
+    if cfg.topk is not None and cfg.topk < 1:
+        errors.append(f"--topk {cfg.topk} must be >= 1 (none: the full vocabulary)")
     if cfg.optimizer not in ("adamw", "sgd"):
         errors.append(f"--optimizer {cfg.optimizer!r}: choose adamw or sgd")
     if cfg.rollout not in ("auto", "hf", "vllm"):
@@ -557,7 +562,7 @@ def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autoca
     if cfg.method in ("opsd", "dasd") and cfg.chunk_size > 0:
         # hidden states in, loss out: at most chunk_size x V logits alive at a time
         kw = dict(method=cfg.method, chunk_size=cfg.chunk_size, beta=cfg.beta, clip=cfg.clip or None,
-                  temperature=cfg.temperature)
+                  temperature=cfg.temperature, topk=cfg.topk)
         if cfg.method == "dasd":
             kw.update(dasd_kwargs(cfg))
         t_head = teacher_model.get_output_embeddings().weight.detach()  # the teacher's own lm_head
@@ -569,10 +574,10 @@ def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autoca
     extra = student_confidence(s_logits, responses, mask, cfg.temperature) if cfg.exposure == "atesd" else {}
     if cfg.method == "opsd":
         loss, metrics = losses.opsd_loss(s_logits, t_out, mask, beta=cfg.beta, clip=cfg.clip or None,
-                                         temperature=cfg.temperature)
+                                         temperature=cfg.temperature, topk=cfg.topk)
     elif cfg.method == "dasd":
         loss, metrics = losses.dasd_loss(s_logits, t_out, mask, beta=cfg.beta, clip=cfg.clip or None,
-                                         temperature=cfg.temperature, **dasd_kwargs(cfg))
+                                         temperature=cfg.temperature, topk=cfg.topk, **dasd_kwargs(cfg))
     else:  # grpo, dasd_adv: the on-policy policy-gradient surrogate on sampled tokens
         tgt = response_targets(responses, s_logits.shape[1], s_logits.device)
         logp_s = torch.log_softmax(s_logits.float() / cfg.temperature, -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)

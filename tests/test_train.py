@@ -43,12 +43,13 @@ def weights(folder):
     return sd
 
 
-@pytest.mark.parametrize("method,expo", [
-    ("opsd", "full"), ("dasd", "atesd"), ("dasd_adv", "random"), ("grpo", "full"), ("sft", "full"), ("opsd", "fixed"),
+@pytest.mark.parametrize("method,expo,flags", [
+    ("opsd", "full", []), ("dasd", "atesd", []), ("dasd_adv", "random", []), ("grpo", "full", []), ("sft", "full", []),
+    ("opsd", "fixed", ["--topk", "20"]), ("dasd", "random", ["--topk", "20", "--chunk_size", "8"]),
 ])
-def test_each_method_and_exposure_runs(tmp_path, embedded_dir, method, expo):
+def test_each_method_and_exposure_runs(tmp_path, embedded_dir, method, expo, flags):
     extra = ["--samples_per_prompt", "2"] if method in ("grpo", "dasd_adv") else []
-    run_train(tmp_path, "--method", method, "--exposure", expo, *TINY, *extra)
+    run_train(tmp_path, "--method", method, "--exposure", expo, *TINY, *extra, *flags)
     m = read_metrics(tmp_path)
     assert [r["step"] for r in m] == [1, 2]
     for r in m:
