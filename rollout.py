@@ -50,7 +50,9 @@ Choices (the papers say nothing about the sampler):
      it is sent), so no full copy of the model is ever built. Tied embeddings: the output layer is
      sent as its own entry `lm_head.weight`; without it vLLM's output layer keeps the old weights
      (the parity test catches this). Then the prefix cache is reset: cached KV blocks were
-     computed with the old weights.
+     computed with the old weights. Under LoRA (lora.py) the engine receives the merged weights
+     W + s B A under the base model's names, computed layer by layer into new tensors; the training
+     module keeps its adapter separate. The HF backend generates with the adapter on.
   6. The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set if unset): the weight
      iterator is handed to the worker directly instead of being pickled to another process, and
      external_launcher requires it. Without torchrun vLLM then sets up a 1-rank torch.distributed
@@ -76,6 +78,8 @@ import random
 from dataclasses import dataclass
 
 import torch
+
+import lora
 
 # tokens that end an assistant turn in common chat templates (choice 2)
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -118,10 +122,11 @@ def stop_token_ids(tokenizer, config=None):
 
 
 def unwrap(model):
-    """The bare model under DDP (`.module`) and torch.compile (`._orig_mod`); FSDP2 keeps the class."""
+    """The bare transformers model under DDP (`.module`), torch.compile (`._orig_mod`) and peft (its base model,
+    which holds the LoRA layers: generate runs with the adapter on); FSDP2 keeps the class."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
-    return model
+    return model.get_base_model() if lora.is_lora(model) else model
 
 
 def process_logits(z, temperature, top_k, top_p):
@@ -368,6 +373,9 @@ class VLLMRollout:
     def named_weights(self, model):
         """Stream (name, full tensor) pairs of the training model, one parameter at a time (choice 5)."""
         m = unwrap(model)
+        if lora.lora_layers(m):  # LoRA: W + s B A in place of W, the adapter's A and B not sent
+            yield from lora.merged_weights(m)
+            return
         # remove_duplicate=False also yields a tied output layer under its own name, lm_head.weight
         for name, p in m.named_parameters(remove_duplicate=False):
             t = p.detach()

@@ -15,6 +15,8 @@ What this file computes, per problem x with reference solution y* = (s_1..s_m) (
 
     teacher weights theta_T:  frozen = theta_0 (default),  live = theta,
                               ema:  theta_T <- decay * theta_T + (1 - decay) * theta
+    under LoRA (theta = W + s B A, W frozen):  frozen = W (adapter off),  live = the adapter on,
+                              ema:  (A_T, B_T) <- decay * (A_T, B_T) + (1 - decay) * (A, B)
 
     answer guard (ATESD reward):  g = (1/|a'|) * sum_j log p_T(a'_j | teacher prompt, "The final
                                    answer is \\boxed{", a'_<j),   a' = tokens of "a}"
@@ -41,16 +43,23 @@ Departures / choices where the papers are silent:
     in alpha (mean -0.84 / -0.86 / -0.83 at alpha 0 / 0.5 / 1): a copy signal, so a weak guard;
     withheld, it rises with exposure (mean -2.23 at alpha 0, -1.73 at alpha 1, 8 problems).
  6. EMA also copies buffers (e.g. rotary inv_freq) from the student; parameters are matched by name.
+ 7. Under LoRA (lora.py) the frozen and EMA teachers are no copies but the student's own network
+    (LoraTeacher): frozen runs it with the adapter off (theta_0 = the base weights, since B starts at 0);
+    ema keeps an EMA of the adapter's A and B only (as OPSD's code does: ema(B) ema(A), not ema(B A)) and
+    puts it into the adapter for the teacher's forward.
 
 Example:
     python teacher.py        # prints prompts at several exposures and a teacher-scoring demo
 """
 
+import contextlib
 import copy
 import math
 import re
 
 import torch
+
+import lora
 
 # ---------------------------------------------------------------------------------------------
 # exposure: which part of the reference the teacher sees
@@ -196,26 +205,93 @@ def unwrap(model):
 def make_teacher(student, mode="frozen"):
     """frozen: a copy of the initial student, never updated (default);
     live: the student itself (no copy, same weights at every step);
-    ema: a copy that ema_update() moves toward the student after each optimizer step."""
+    ema: a copy that ema_update() moves toward the student after each optimizer step.
+    A LoRA student (lora.py) gets no copy: frozen and ema are a LoraTeacher over its own network (choice 7)."""
     if mode == "live":
         return student
     if mode not in ("frozen", "ema"):
         raise ValueError(f"teacher mode must be frozen, live or ema, got {mode!r}")
+    if lora.is_lora(unwrap(student)):
+        return LoraTeacher(unwrap(student), mode)
     teacher = copy.deepcopy(unwrap(student))  # deepcopy keeps tied embeddings tied
     teacher.requires_grad_(False)
     return teacher.eval()
 
 
+class LoraTeacher(torch.nn.Module):
+    """The frozen or EMA teacher of a LoRA student, without a second copy of the weights (choice 7): the
+    student's own peft network, run with its adapter off (frozen) or with the EMA adapter put in (ema) for the
+    duration of one forward. The student is a registered submodule, so parameters() are the student's tensors."""
+
+    def __init__(self, student, mode):
+        super().__init__()
+        self.net, self.mode = student, mode  # the bare peft model: the teacher never runs through DDP's forward
+        # (A_T, B_T): whole tensors, not parameters, so no optimizer, DDP or FSDP ever sees them
+        self.ema = {}
+        if mode == "ema":
+            self.ema = {n: lora.full(p.detach()).clone() for n, p in lora.adapter_params(student).items()}
+
+    def forward(self, **kwargs):
+        with torch.no_grad(), self.teacher_weights():
+            return self.net(**kwargs)
+
+    @contextlib.contextmanager
+    def teacher_weights(self):
+        if self.mode == "frozen":
+            with self.net.disable_adapter():  # every adapted layer computes W x alone
+                yield
+            return
+        params = lora.adapter_params(self.net)
+        student = {n: p.detach().clone() for n, p in params.items()}
+        # written through .data: the parameter objects, their storage and requires_grad stay as DDP / FSDP
+        # registered them, and autograd records nothing (the student's values are back before any backward)
+        for n, p in params.items():
+            p.data.copy_(lora.shard_like(self.ema[n], p))
+        try:
+            yield
+        finally:
+            for n, p in params.items():
+                p.data.copy_(student[n])
+
+    def get_output_embeddings(self):
+        return self.net.get_output_embeddings()  # lm_head has no adapter: the student's and the teacher's are one
+
+    def train(self, mode=True):
+        return self  # the network is the student's: eval() or train() on the teacher must not switch the student
+
+
 @torch.no_grad()  # an in-place update of the target; it must not enter any autograd graph
 def ema_update(teacher, student, decay):
-    """theta_T <- decay * theta_T + (1 - decay) * theta_S, parameter by parameter (buffers copied)."""
+    """theta_T <- decay * theta_T + (1 - decay) * theta_S, parameter by parameter (buffers copied).
+    Under LoRA the adapter alone: A_T <- decay * A_T + (1 - decay) * A_S, and the same for B."""
     student = unwrap(student)
+    if isinstance(teacher, LoraTeacher):
+        for name, p in lora.adapter_params(student).items():
+            teacher.ema[name].mul_(decay).add_(lora.full(p.detach()), alpha=1.0 - decay)
+        return
     params_s = dict(student.named_parameters())
     for name, p_t in teacher.named_parameters():
         p_t.mul_(decay).add_(params_s[name].detach().to(p_t.dtype), alpha=1.0 - decay)
     buffers_s = dict(student.named_buffers())
     for name, b_t in teacher.named_buffers():
         b_t.copy_(buffers_s[name])
+
+
+def ema_state(teacher):
+    """What a checkpoint keeps of an EMA teacher, on CPU: its weights, or under LoRA its EMA adapter alone."""
+    sd = teacher.ema if isinstance(teacher, LoraTeacher) else teacher.state_dict()
+    return {k: v.detach().cpu() for k, v in sd.items()}
+
+
+def load_ema_state(teacher, state):
+    """The inverse of ema_state (for --resume)."""
+    if not isinstance(teacher, LoraTeacher):
+        teacher.load_state_dict(state)
+        return
+    if set(state) != set(teacher.ema):
+        raise ValueError("the EMA adapter in the checkpoint does not fit the model's adapter")
+    for k, v in state.items():
+        teacher.ema[k].copy_(v)
 
 
 # ---------------------------------------------------------------------------------------------

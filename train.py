@@ -21,13 +21,15 @@ Run:
   python train.py                                          # embedded SmolLM2-135M + embedded data, CPU
   python train.py --method opsd --exposure full --steps 20 # plain OPSD
   torchrun --nproc_per_node=2 train.py                     # 2 processes (gloo on CPU, NCCL on GPU)
+  python train.py --method opsd --lora_r 64 --lr 2e-4      # LoRA r64 / alpha 128, as OPSD's runs
   torchrun --nproc_per_node=8 train.py --model Qwen/Qwen3-1.7B --data my_math.jsonl \
       --max_new_tokens 1024 --temperature 1.1 --prompts_per_step 32 --lr 5e-6 --chunk_size 512 \
       --student_thinking false --teacher_thinking true --rollout vllm
 
 Where this file departs from the textbook algorithms (each is a flag):
-  1. Full fine-tuning, not LoRA (the OPSD runs use LoRA r64). A reference should show the loss, not
-     an adapter library; the loss code is unchanged under LoRA.
+  1. Full fine-tuning by default; --lora_r 64 trains LoRA r64 / alpha 128 on every projection of the blocks,
+     as the OPSD runs do (lora.py). The loss code is the same either way; under LoRA the frozen teacher is
+     the student's own network with the adapter off, and vLLM receives the merged weights W + s B A.
   2. Exactly one optimizer step per rollout batch, so the data is exactly on-policy and no importance
      ratio or PPO clip is needed (GRPO and the DASD token-advantage form use the plain surrogate).
   3. The token mean is taken over the valid response tokens of the *global* batch (all micro-batches,
@@ -60,6 +62,7 @@ import data
 import entropy
 import evaluate
 import exposure
+import lora
 import losses
 import model as modellib
 import rollout
@@ -101,6 +104,18 @@ class Config:
     """enable_thinking for the teacher's chat template (Qwen3); None leaves the template's default."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off by default: loading a model must not execute foreign code."""
+
+    # --- LoRA (lora.py; off by default: full fine-tuning)
+    lora_r: int = 0
+    """LoRA rank; 0 = full fine-tuning. OPSD's runs use 64. The base weights stay frozen; only A and B train."""
+    lora_alpha: typing.Optional[float] = None
+    """LoRA scale numerator, update = (lora_alpha / lora_r) B A; None = 2 * lora_r, as OPSD's runs (r 64, alpha 128)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input. 0: with dropout the student's training forward would not be the function
+    the rollouts were sampled from (no longer exactly on-policy), and a live/EMA teacher would be noisy."""
+    lora_targets: str = ",".join(lora.TARGETS)
+    """Comma-separated module names that get an adapter: every linear projection of the transformer blocks, as
+    OPSD's runs (never lm_head or the embeddings)."""
 
     # --- batch and sampling
     steps: int = 20
@@ -273,6 +288,10 @@ def check_config(cfg):
         errors.append(f"--optimizer {cfg.optimizer!r}: choose adamw or sgd")
     if cfg.rollout not in ("auto", "hf", "vllm"):
         errors.append(f"--rollout {cfg.rollout!r}: choose auto, hf or vllm")
+    if cfg.lora_r < 0 or not 0.0 <= cfg.lora_dropout < 1.0:
+        errors.append("--lora_r must be >= 0 and --lora_dropout in [0, 1)")
+    if cfg.lora_r and cfg.lora_alpha is None:
+        cfg.lora_alpha = 2.0 * cfg.lora_r  # computed at run time (and recorded in config.json)
     if errors:
         raise SystemExit("train.py: " + "\n  ".join(["invalid flags:"] + errors))
 
@@ -369,10 +388,11 @@ def setup(cfg):
     if cfg.teacher == "live" and teacher_model is not None:
         teacher_model = student  # the same parameters, called outside DDP's forward (no grad anyway)
 
+    params = [p for p in student.parameters() if p.requires_grad]  # every parameter, or LoRA's A and B
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     expo_kw = {k: getattr(cfg, k) for k in ("hold", "lookahead", "gamma", "lambda_gt", "batch_decisions")
                if getattr(cfg, k) is not None}
@@ -413,20 +433,28 @@ def load_rows(cfg):
 
 
 def load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir):
-    """The student (trained) and the teacher (a frozen copy, an EMA copy, or None for grpo and sft)."""
+    """The student (trained) and the teacher (a frozen copy, an EMA copy, or None for grpo and sft).
+    Under LoRA the student is the peft-wrapped model and the frozen / EMA teacher a view of its own network."""
     try:
         # fp32 master weights (departure 5); bf16 matmuls come from autocast
         student, tok = modellib.load(start_path, dtype=torch.float32, device=device,
                                      trust_remote_code=cfg.trust_remote_code)
     except FileNotFoundError as e:
         raise SystemExit(f"train.py: {e}") from e
+    if cfg.lora_r:
+        student = add_lora(cfg, student)
     # the frozen teacher is the *initial* policy, so it is built before resumed weights are loaded
     teacher_model = None
     if cfg.method not in ("grpo", "sft"):
         teacher_model = teacherlib.make_teacher(student, mode=cfg.teacher)
         if resume_state is not None and cfg.teacher == "ema":
-            teacher_model.load_state_dict(resume_state["ema_teacher"])
-    if resume_state is not None:
+            teacherlib.load_ema_state(teacher_model, resume_state["ema_teacher"])
+    if resume_state is not None and cfg.lora_r:
+        try:
+            lora.load_adapter(student, os.path.join(ckpt_dir, "adapter"))  # the base weights never change
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"train.py: --lora_r {cfg.lora_r} --resume: {e}") from e
+    elif resume_state is not None:
         import glob
 
         from safetensors.torch import load_file
@@ -443,14 +471,33 @@ def load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir):
     return student, tok, teacher_model
 
 
+def add_lora(cfg, student):
+    """The student wrapped in a LoRA adapter (lora.py): the base weights frozen, A and B trained."""
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    try:
+        student = lora.add_lora(student, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets)
+    except (ImportError, ValueError) as e:
+        raise SystemExit(f"train.py: --lora_r {cfg.lora_r}: {e}") from e
+    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in student.parameters())
+    if is_rank0():
+        print(f"LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha:g} on {','.join(targets)}: "
+              f"{n_train:,} of {n_all:,} parameters trained ({100 * n_train / n_all:.2f}%)")
+    return student
+
+
 def wrap_for_parallel(cfg, student, ddp, device):
     """FSDP2 shards the student in place; DDP wraps it; one process uses it as it is."""
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for layer in student.model.layers:
+        # under LoRA the transformers model inside the peft wrapper is the root: generate() calls it directly,
+        # and its root-level weights (embeddings, final norm) must be gathered then too. Frozen and trainable
+        # parameters share each layer's group (FSDP2 allows both in one group).
+        net = student.get_base_model() if lora.is_lora(student) else student
+        for layer in net.model.layers:
             fully_shard(layer)
-        fully_shard(student)
+        fully_shard(net)
         return student
     if ddp:
         return torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
@@ -663,8 +710,9 @@ def train_on_batch(run, batch, alpha, step):
             sums[k] = sums.get(k, 0.0) + float(v) * n_mb
         sums["loss/total"] = sums.get("loss/total", 0.0) + loss.item() * n_mb
 
-    grads = [p.grad for p in student.parameters() if p.grad is not None]
-    gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    params = [p for p in student.parameters() if p.requires_grad]  # every parameter, or LoRA's A and B
+    grads = [p.grad for p in params if p.grad is not None]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     finite = math.isfinite(float(gnorm)) and all(math.isfinite(v) for v in sums.values())
     finite = all_reduce_sum({"ok": float(finite)}, run.device, run.ddp)["ok"] == run.world
     if finite and grads:
@@ -796,7 +844,8 @@ def log_step(run, log, rec):
 
 
 # -----------------------------------------------------------------------------------------------
-# Checkpoints: model as a save_pretrained folder, the rest in trainer.pt; written aside, then renamed.
+# Checkpoints: model as a save_pretrained folder (under LoRA merged, plus the adapter for --resume), the rest in
+# trainer.pt; written aside, then renamed.
 
 
 def maybe_checkpoint(run, done):
@@ -807,8 +856,10 @@ def maybe_checkpoint(run, done):
     if run.master:
         save_checkpoint(cfg, done, run.train_model, run.teacher_model, run.tok, run.opt, run.sched, run.expo,
                         run.n_skipped, run.ckpt_dir)
-    elif cfg.fsdp:
-        full_state_dict(run.train_model)
+    elif cfg.fsdp:  # the other ranks join the gathers (collectives) of save_model and save_adapter, and write nothing
+        save_model(run.train_model, run.tok, None)
+        if cfg.lora_r:
+            save_adapter(run.train_model, None)
     if run.ddp:
         dist.barrier()
 
@@ -818,6 +869,8 @@ def save_checkpoint(cfg, step, student, teacher_model, tok, opt, sched, expo, n_
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_model(student, tok, os.path.join(tmp, "model"))
+    if cfg.lora_r:
+        save_adapter(student, os.path.join(tmp, "adapter"))  # what --resume reads; model/ is for inference
     state = {
         "step": step, "n_skipped": n_skipped, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "exposure": expo.state_dict(), "config": dataclasses.asdict(cfg),
@@ -825,7 +878,7 @@ def save_checkpoint(cfg, step, student, teacher_model, tok, opt, sched, expo, n_
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
     }
     if cfg.teacher == "ema":
-        state["ema_teacher"] = {k: v.detach().cpu() for k, v in teacher_model.state_dict().items()}
+        state["ema_teacher"] = teacherlib.ema_state(teacher_model)  # under LoRA: the EMA adapter only
     torch.save(state, os.path.join(tmp, "trainer.pt"))
     # an interrupted write leaves either the old checkpoint (renamed to .old) or the new one complete
     if os.path.exists(out):
@@ -836,13 +889,27 @@ def save_checkpoint(cfg, step, student, teacher_model, tok, opt, sched, expo, n_
 
 
 def save_model(student, tok, path):
-    """A plain save_pretrained folder that transformers and vLLM load, whatever wraps the student."""
+    """A plain save_pretrained folder that transformers and vLLM load, whatever wraps the student. Under LoRA
+    the merged weights W + s B A under the base model's names: loading it needs no peft."""
     module = unwrap(student)
-    sd = full_state_dict(student)
+    if lora.is_lora(module):
+        sd = {k: v.cpu() for k, v in lora.merged_weights(module)}  # FSDP2: every rank joins each gather
+        module = module.get_base_model()
+    else:
+        sd = full_state_dict(student)
     if not is_rank0():
         return
     module.save_pretrained(path, state_dict=sd, safe_serialization=True)
     tok.save_pretrained(path)
+
+
+def save_adapter(student, path):
+    """The LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors): A and B only."""
+    module = unwrap(student)
+    sharded = any(hasattr(p, "full_tensor") for p in module.parameters())
+    sd = full_state_dict(student) if sharded else None  # FSDP2: gathered (every rank joins); else peft reads its own
+    if is_rank0():
+        lora.save_adapter(module, path, state_dict=sd)
 
 
 def full_state_dict(student):

@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository root on sys.path, the embedded model folder, a tiny in-memory Llama."""
+"""Shared fixtures: the repository root on sys.path, the embedded model folder, a tiny in-memory Llama
+(plain, and with a LoRA adapter)."""
 
 import os
 import sys
@@ -31,6 +32,24 @@ def tiny_llama():
         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     return LlamaForCausalLM(cfg).float().eval()
+
+
+@pytest.fixture
+def tiny_lora(tiny_llama):
+    """A copy of tiny_llama wrapped in a LoRA adapter (r 4, alpha 8, lora.py) with a random B: peft starts B
+    at 0, which makes the adapter a no-op and every comparison with the base model vacuous. tiny_llama itself
+    stays the plain base model, the reference."""
+    import copy
+
+    import lora
+
+    student = lora.add_lora(copy.deepcopy(tiny_llama), r=4, alpha=8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in lora.adapter_params(student).items():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return student
 
 
 # End-to-end runs write checkpoints (model + AdamW state, about 1.5 GB each): a passing test's

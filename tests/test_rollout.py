@@ -116,6 +116,21 @@ def test_hf_sampling_logprobs_match_teacher_forced(tiny_llama):
             assert abs(s.logprobs[t] - want) < 1e-4, (t, s.logprobs[t], want)
 
 
+def test_hf_generates_with_the_lora_adapter_on(tiny_llama, tiny_lora):
+    # the sampler must hold exactly the weights being trained: under LoRA, W + s B A, not the base W
+    engine = rollout.make_rollout("hf", model=tiny_lora, tokenizer=tiny_tokenizer())
+    samples = engine.generate(PROMPTS, n=2, max_new_tokens=8, temperature=1.0, seed=3)
+    check_structure(samples, len(PROMPTS), 2, 8, engine.stop_ids)
+    off_base = 0.0
+    for s in samples:
+        adapted = torch.log_softmax(teacher_forced_logits(tiny_lora, PROMPTS[s.prompt_index], s.token_ids), -1)
+        base = torch.log_softmax(teacher_forced_logits(tiny_llama, PROMPTS[s.prompt_index], s.token_ids), -1)
+        idx = torch.tensor(s.token_ids)[:, None]
+        assert (torch.tensor(s.logprobs) - adapted.gather(1, idx).squeeze(1)).abs().max() < 1e-4
+        off_base = max(off_base, (torch.tensor(s.logprobs) - base.gather(1, idx).squeeze(1)).abs().max().item())
+    assert off_base > 1e-2
+
+
 def test_hf_same_seed_same_samples_and_training_rng_untouched(tiny_llama):
     engine = rollout.make_rollout("hf", model=tiny_llama, tokenizer=tiny_tokenizer())
     torch.manual_seed(123)
@@ -239,6 +254,51 @@ def test_vllm_weights_synced_match_transformers(policy, vllm_engine):
 
     # and back: other tests in this module use the original weights
     vllm_engine.sync_weights(m)
+    assert (torch.tensor(vllm_engine.prompt_logprobs(seq)) - transformers_logp(m)).abs().max() < 1e-3
+
+
+@pytest.mark.vllm
+def test_vllm_lora_weights_synced_match_transformers(policy, vllm_engine):
+    """The on-policy test under LoRA: the engine receives the merged weights W + s B A under the base model's
+    names, and then scores tokens like transformers with the adapter on (same 1e-3 nats as above). The training
+    module is not merged in place: its adapter stays separate and its base weights untouched."""
+    import lora
+
+    m, tok = policy
+    seq = chat(tok, "What is 12 + 30?") + tok("12 + 30 = 42. The answer is \\boxed{42}.<|im_end|>",
+                                              add_special_tokens=False)["input_ids"]
+
+    def transformers_logp(model):  # (L+T-1,) log p(seq[t] | seq[:t]) for t >= 1
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq])).logits[0].float()  # (L+T, V)
+        return torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(seq[1:])[:, None]).squeeze(1)
+
+    # an adapter as if trained: peft starts B at 0 (a no-op); a random B moves every adapted projection
+    student = lora.add_lora(copy.deepcopy(m), r=8, alpha=16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.adapter_params(student).items():
+            if ".lora_B." in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    ddp_like = torch.nn.Module()
+    ddp_like.module = student  # sync_weights must unwrap `.module`, then peft
+
+    want = transformers_logp(student)
+    stale = (torch.tensor(vllm_engine.prompt_logprobs(seq)) - want).abs().max().item()
+    vllm_engine.sync_weights(ddp_like)
+    synced = (torch.tensor(vllm_engine.prompt_logprobs(seq)) - want).abs().max().item()
+    print(f"LoRA: max |logp_vllm - logp_transformers|: before sync {stale:.3g}, after sync {synced:.3g}")
+    assert stale > 0.05  # before the sync the engine samples from the base model
+    assert synced < 1e-3  # after it, from the adapted one
+
+    layers = lora.lora_layers(student)
+    assert len(layers) == 30 * 7 and not any(layer.merged for layer in layers.values())
+    base = dict(m.named_parameters())
+    for name, p in student.get_base_model().named_parameters():
+        if ".lora_" not in name:
+            assert torch.equal(p, base[name.replace(".base_layer", "")]), name
+
+    vllm_engine.sync_weights(m)  # back: other tests in this module use the original weights
     assert (torch.tensor(vllm_engine.prompt_logprobs(seq)) - transformers_logp(m)).abs().max() < 1e-3
 
 

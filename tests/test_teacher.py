@@ -305,6 +305,161 @@ def test_teacher_forward_never_changes_student_gradients(mode, tiny_llama):
         assert all(p.grad is None for p in t.parameters())
 
 
+# ------------------------------------------------------------------ teacher weights under LoRA (lora.py)
+
+
+def storage(module):
+    """data_ptr() of every parameter and buffer of module: where its tensors live."""
+    return {t.data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+
+
+def test_lora_frozen_teacher_is_the_base_model_without_a_copy(tiny_llama, tiny_lora):
+    base, student = tiny_llama, tiny_lora  # base: a separate copy of the weights, the reference
+    t = teacher.make_teacher(student, "frozen")
+    logits_t, _ = teacher.teacher_logits(t, PROMPTS, RESPONSES)
+    logits_base, _ = teacher.teacher_logits(base, PROMPTS, RESPONSES)
+    logits_s, mask = teacher.response_forward(student, PROMPTS, RESPONSES)
+    assert torch.equal(logits_t, logits_base)  # the adapter off is the base model, bit for bit
+    assert ((logits_t - logits_s).abs() * mask[..., None]).max() > 1e-2  # and the student is not
+    # the chunked loss's path: the teacher's hidden states times the lm_head it exposes
+    h_t, _ = teacher.teacher_logits(t, PROMPTS, RESPONSES, hidden=True)
+    torch.testing.assert_close(h_t @ t.get_output_embeddings().weight.T, logits_base)
+    # no second copy: every tensor the teacher holds is the student's, its base weights among them
+    base_weights = {p.data_ptr() for n, p in student.named_parameters() if ".lora_" not in n}
+    assert storage(t) <= storage(student) and base_weights <= storage(t)
+    # after the teacher's forward the adapter is on again, trainable, and the student's output unchanged
+    assert torch.equal(teacher.response_forward(student, PROMPTS, RESPONSES)[0], logits_s)
+    assert all(p.requires_grad == (".lora_" in n) for n, p in student.named_parameters())
+    student.train()
+    t.eval()  # must not switch the student: they are one network
+    assert all(m.training for m in student.modules())
+    assert teacher.make_teacher(student, "live") is student
+
+
+def test_lora_ema_teacher_is_the_ema_of_the_adapter(tiny_llama, tiny_lora):
+    import lora
+
+    student = tiny_lora
+    t = teacher.make_teacher(student, "ema")
+    assert set(t.ema) == set(lora.adapter_params(student))  # A and B only: no copy of the base weights
+    assert storage(t) <= storage(student)
+    old = {n: p.detach().clone() for n, p in lora.adapter_params(student).items()}
+    with torch.no_grad():  # an update of the student's adapter, A and B both moved
+        for p in lora.adapter_params(student).values():
+            p.add_(0.05 * torch.randn_like(p))
+    new = {n: p.detach().clone() for n, p in lora.adapter_params(student).items()}
+    teacher.ema_update(t, student, decay=0.9)
+
+    # reference: an independent adapted model whose adapter holds the EMA computed by hand
+    ref = lora.add_lora(tiny_llama, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in lora.adapter_params(ref).items():
+            p.copy_(0.9 * old[n] + 0.1 * new[n])
+    logits_s, mask = teacher.response_forward(student, PROMPTS, RESPONSES)
+    logits_t, _ = teacher.teacher_logits(t, PROMPTS, RESPONSES)
+    logits_ref, _ = teacher.teacher_logits(ref, PROMPTS, RESPONSES)
+    torch.testing.assert_close(logits_t, logits_ref, rtol=1e-6, atol=1e-6)
+    assert ((logits_t - logits_s).abs() * mask[..., None]).max() > 1e-3
+    # the teacher's forward leaves the student's adapter (and so the student) exactly as it was
+    for n, p in lora.adapter_params(student).items():
+        assert torch.equal(p, new[n]) and p.requires_grad
+    assert torch.equal(teacher.response_forward(student, PROMPTS, RESPONSES)[0], logits_s)
+    # decay 0: the teacher is the student, exactly
+    teacher.ema_update(t, student, decay=0.0)
+    assert torch.equal(teacher.teacher_logits(t, PROMPTS, RESPONSES)[0], logits_s.detach())
+    # a checkpoint round trip of the EMA adapter
+    state = teacher.ema_state(t)
+    t2 = teacher.make_teacher(student, "ema")
+    teacher.load_ema_state(t2, state)
+    assert all(torch.equal(t2.ema[n], t.ema[n]) for n in t.ema)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "ema"])
+def test_lora_teacher_forward_never_changes_student_gradients(mode, tiny_lora):
+    """A teacher forward between the student's forward and its backward (the adapter switched off, or the EMA
+    put in and taken out) leaves the student's gradients exactly as without it."""
+    import lora
+
+    student = tiny_lora.double()
+    t = teacher.make_teacher(student, mode)
+    if mode == "ema":  # an EMA different from the student's adapter, so the swap is visible
+        for e in t.ema.values():
+            e.add_(0.05 * torch.randn_like(e))
+    target, _ = teacher.teacher_logits(t, PROMPTS, RESPONSES)
+    s, mask = teacher.response_forward(student, PROMPTS, RESPONSES)
+    ((s - target).pow(2) * mask[..., None]).sum().backward()
+    g_ref = {n: p.grad.clone() for n, p in lora.adapter_params(student).items()}
+    student.zero_grad()
+    s, mask = teacher.response_forward(student, PROMPTS, RESPONSES)
+    logits_t, _ = teacher.teacher_logits(t, PROMPTS, RESPONSES)  # in between
+    assert torch.equal(logits_t, target) and not logits_t.requires_grad
+    ((s - logits_t).pow(2) * mask[..., None]).sum().backward()
+    for n, p in student.named_parameters():
+        if n in g_ref:
+            assert torch.equal(p.grad, g_ref[n]), n
+        else:
+            assert p.grad is None, n  # the base weights are frozen
+
+
+DDP_LORA_SCRIPT = r"""
+import sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from transformers import LlamaConfig, LlamaForCausalLM
+sys.path.insert(0, sys.argv[1])
+import lora, teacher
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+student = lora.add_lora(LlamaForCausalLM(cfg), r=4, alpha=8)
+with torch.no_grad():
+    for n, p in lora.adapter_params(student).items():
+        if ".lora_B." in n:
+            p.normal_(0, 0.1)
+t = teacher.make_teacher(student, "frozen")
+ddp = DistributedDataParallel(student)
+prompts = [[[5, 6, 7], [8, 9]], [[3, 4], [10, 11, 12]]][rank]
+responses = [[[10, 11], [12, 13, 14]], [[20], [21, 22]]][rank]
+
+def two_steps(model):  # teacher forward (adapter off), then the student's forward and backward, twice
+    for _ in range(2):
+        target, _ = teacher.teacher_logits(t, prompts, responses)
+        s, mask = teacher.response_forward(model, prompts, responses)
+        ((s - target).pow(2) * mask[..., None]).sum().backward()
+    grads = {n: p.grad.clone() for n, p in lora.adapter_params(student).items()}
+    student.zero_grad()
+    return grads
+
+g_ddp = two_steps(ddp)
+g_local = two_steps(student)
+both = [None, None]
+dist.all_gather_object(both, g_local)
+err = max((g_ddp[n] - (both[0][n] + both[1][n]) / 2).abs().max().item() for n in g_ddp)
+spread = max((both[0][n] - both[1][n]).abs().max().item() for n in g_ddp)
+assert err < 1e-5 and spread > 1e-2, (err, spread)
+del ddp
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_lora_frozen_teacher_under_ddp(tmp_path):
+    """peft's disable_adapter() switches the adapter's requires_grad off and back on around the teacher's
+    forward. DDP registered those parameters once, at wrapping: its all-reduce must still fire, so every rank
+    holds the mean of the ranks' gradients (2 processes, gloo)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "ddp_lora.py"
+    script.write_text(DDP_LORA_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), root], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0 and p.stdout.count("ok") == 2, p.stdout[-2000:] + p.stderr[-3000:]
+
+
 # ------------------------------------------------------------------ answer log-probability
 
 

@@ -46,6 +46,7 @@ def weights(folder):
 @pytest.mark.parametrize("method,expo,flags", [
     ("opsd", "full", []), ("dasd", "atesd", []), ("dasd_adv", "random", []), ("grpo", "full", []), ("sft", "full", []),
     ("opsd", "fixed", ["--topk", "20"]), ("dasd", "random", ["--topk", "20", "--chunk_size", "8"]),
+    pytest.param("dasd", "atesd", ["--lora_r", "8", "--teacher", "ema", "--chunk_size", "8"], id="dasd-atesd-lora"),
 ])
 def test_each_method_and_exposure_runs(tmp_path, embedded_dir, method, expo, flags):
     extra = ["--samples_per_prompt", "2"] if method in ("grpo", "dasd_adv") else []
@@ -146,14 +147,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path, embedded_dir):
     assert abs(la["loss/total"] - lb["loss/total"]) < 1e-4 * max(1.0, abs(la["loss/total"]))
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, embedded_dir):
-    args = ["--method", "dasd", "--exposure", "atesd", "--steps", "4", "--save_every", "2",
-            "--prompts_per_step", "2", "--max_new_tokens", "12", "--dtype", "float32", "--hold", "1",
-            "--lookahead", "1", "--batch_decisions", "2"]
-    run_train(tmp_path / "ref", *args)
-    ref = read_metrics(tmp_path / "ref")
-
-    out = tmp_path / "cut"
+def sigkill_at_first_checkpoint(out, args):
+    """Start train.py and SIGKILL it as soon as its first checkpoint is complete; returns that checkpoint's step."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     p = subprocess.Popen([sys.executable, "train.py", "--out_dir", str(out), *args], cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -163,13 +158,114 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, embedded_dir):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert os.path.exists(out / "ckpt" / "trainer.pt")
-    assert torch.load(out / "ckpt" / "trainer.pt", weights_only=True)["step"] == 2
+    return torch.load(out / "ckpt" / "trainer.pt", weights_only=True)["step"]
+
+
+def sft_response_lengths(embedded_dir, cfg_args):
+    """Token counts of the step-0 SFT responses (the reference solutions), as train.py cuts them."""
+    import data
+    import train
+    from transformers import AutoTokenizer
+
+    cfg = train.parse_config(cfg_args)
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    rows = train.step_rows(data.load_dataset("embedded", split="train"), cfg, 0, 0, 1)
+    return [len((tok(r["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[: cfg.max_new_tokens])
+            for r in rows]
+
+
+def test_ddp_two_processes_equal_one_process_lora(tmp_path, embedded_dir):
+    # The same claim under LoRA, for DDP and for FSDP2 (fully_shard runs on CPU with gloo): one plain SGD step
+    # of the adapter on 1 process and on 2 takes the same update. At the first step B = 0, so A's gradient
+    # (s B^T dL/dh x^T) is 0 and A keeps its initial value (the same seed in every run); B's update is B itself.
+    args = ["--method", "sft", "--steps", "1", "--prompts_per_step", "4", "--micro_batch", "1",
+            "--max_new_tokens", "64", "--dtype", "float32", "--optimizer", "sgd", "--lr", "1.0", "--grad_clip", "0",
+            "--lora_r", "8"]
+    lens = sft_response_lengths(embedded_dir, args)
+    # rank 0 gets sequences 0 and 2, rank 1 gets 1 and 3: a per-rank token mean would weight them differently
+    assert len(set(lens)) > 1 and lens[0] + lens[2] != lens[1] + lens[3], lens
+    run_train(tmp_path / "one", *args)
+    one = weights(tmp_path / "one" / "ckpt" / "adapter")
+    update = {k: v for k, v in one.items() if ".lora_B." in k}
+    assert len(update) == 30 * 7 and sum(v.square().sum().item() for v in update.values()) > 0
+    for parallel in ("ddp", "fsdp"):
+        out = tmp_path / parallel
+        run_train(out, *args, *(["--fsdp"] if parallel == "fsdp" else []), nproc=2)
+        two = weights(out / "ckpt" / "adapter")
+        assert set(two) == set(one)
+        for k in one:
+            if ".lora_A." in k:
+                assert torch.equal(two[k], one[k]), k
+        # relative L2 of the difference of the updates; the tolerance is that of the full fine-tuning test above
+        # (about 5e-8 here; with the token mean taken per rank instead it is about 4e-2)
+        num = sum((two[k] - update[k]).square().sum().item() for k in update)
+        den = sum(update[k].square().sum().item() for k in update)
+        assert (num / den) ** 0.5 < 1e-4, (parallel, (num / den) ** 0.5)
+        # and the merged model written from the (sharded) adapter is the 1-process one
+        w1, w2 = weights(tmp_path / "one" / "final"), weights(out / "final")
+        assert set(w1) == set(w2)
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, embedded_dir):
+    args = ["--method", "dasd", "--exposure", "atesd", "--steps", "4", "--save_every", "2",
+            "--prompts_per_step", "2", "--max_new_tokens", "12", "--dtype", "float32", "--hold", "1",
+            "--lookahead", "1", "--batch_decisions", "2"]
+    run_train(tmp_path / "ref", *args)
+    ref = read_metrics(tmp_path / "ref")
+
+    out = tmp_path / "cut"
+    assert sigkill_at_first_checkpoint(out, args) == 2
     run_train(out, *args, "--resume")
     got = read_metrics(out)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for r_ref, r_got in zip(ref[2:], got[2:]):
         for k in ("loss/total", "exposure/alpha_used", "rollout/accuracy", "rollout/response_len"):
             assert r_ref[k] == pytest.approx(r_got[k], rel=1e-5, abs=1e-6), (k, r_ref[k], r_got[k])
+
+
+def test_lora_sigkill_then_resume_matches_uninterrupted_and_final_is_merged(tmp_path, embedded_dir):
+    # The LoRA variant, kept cheap: plain OPSD, 2 steps, killed after the checkpoint of step 1. The EMA teacher
+    # makes its adapter-only EMA part of the resumed state; lr 1e-3 (a LoRA learning rate) moves the adapter
+    # enough that a lost adapter, optimizer state or EMA would change the metrics of step 2.
+    rank, alpha = 8, 16
+    args = ["--method", "opsd", "--exposure", "full", "--teacher", "ema", "--ema_decay", "0.5",
+            "--lora_r", str(rank), "--lr", "1e-3", "--steps", "2", "--save_every", "1",
+            "--prompts_per_step", "2", "--max_new_tokens", "12", "--dtype", "float32"]
+    run_train(tmp_path / "ref", *args)
+    ref = read_metrics(tmp_path / "ref")
+    out = tmp_path / "cut"
+    assert sigkill_at_first_checkpoint(out, args) == 1
+    run_train(out, *args, "--resume")
+    got = read_metrics(out)
+    assert [r["step"] for r in got] == [1, 2]
+    for k in ("loss/total", "kl/teacher_student", "entropy/student", "rollout/response_len", "train/grad_norm"):
+        assert ref[1][k] == pytest.approx(got[1][k], rel=1e-5, abs=1e-6), (k, ref[1][k], got[1][k])
+    a_ref, a_got = weights(tmp_path / "ref" / "ckpt" / "adapter"), weights(out / "ckpt" / "adapter")
+    assert set(a_ref) == set(a_got) and len(a_ref) == 2 * 30 * 7  # A and B of 7 projections x 30 layers
+    for k in a_ref:
+        torch.testing.assert_close(a_got[k], a_ref[k], rtol=1e-5, atol=1e-7)
+
+    # final/ is a plain model folder (no peft needed): the base weights, with W + (alpha / r) B A in place of W
+    # on exactly the adapted projections, B and A as saved in the adapter
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "ref" / "final", dtype=torch.float32).state_dict()
+    w0 = weights(embedded_dir)
+    assert set(final) - {"lm_head.weight"} == set(w0)
+    n_merged, moved = 0, 0.0
+    for k, w in w0.items():
+        a = "base_model.model." + k.removesuffix(".weight") + ".lora_A.weight"
+        if a in a_ref:
+            b = a.replace(".lora_A.", ".lora_B.")
+            want = w.float() + (alpha / rank) * a_ref[b] @ a_ref[a]  # (d_out, r) @ (r, d_in)
+            torch.testing.assert_close(final[k], want, rtol=0, atol=1e-6)
+            n_merged += 1
+            moved = max(moved, (final[k] - w.float()).abs().max().item())
+        else:
+            assert torch.equal(final[k], w.float()), k  # embeddings, norms: untouched
+    assert n_merged == 30 * 7 and moved > 1e-4
 
 
 def test_nonfinite_loss_skips_step(tmp_path, embedded_dir):
