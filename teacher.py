@@ -46,7 +46,8 @@ Departures / choices where the papers are silent:
  7. Under LoRA (lora.py) the frozen and EMA teachers are no copies but the student's own network
     (LoraTeacher): frozen runs it with the adapter off (theta_0 = the base weights, since B starts at 0);
     ema keeps an EMA of the adapter's A and B only (as OPSD's code does: ema(B) ema(A), not ema(B A)) and
-    puts it into the adapter for the teacher's forward.
+    puts it into the adapter for the teacher's forward. It starts at the initial adapter, like the full
+    EMA teacher (OPSD's code starts it from the adapter after the first step).
 
 Example:
     python teacher.py        # prints prompts at several exposures and a teacher-scoring demo
