@@ -211,9 +211,11 @@ def test_check_answer_in_worker_threads_agrees_with_main_thread():
     # math-verify's own timeout uses SIGALRM, which raises ValueError outside the main thread;
     # check_answer must give the same verdicts from a thread pool (a reward worker)
     cases = EQUIVALENT + WRONG
-    main = [ev.check_answer(r, g) for r, g in cases]
+    # a generous deadline: on a busy machine two threads share the GIL, and a slow sympy check must not
+    # time out into a False here (the deadline itself is tested below)
+    main = [ev.check_answer(r, g, timeout=60) for r, g in cases]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        threaded = list(pool.map(lambda rg: ev.check_answer(*rg), cases))
+        threaded = list(pool.map(lambda rg: ev.check_answer(*rg, timeout=60), cases))
     assert threaded == main
     assert main == [True] * len(EQUIVALENT) + [False] * len(WRONG)
 
