@@ -39,7 +39,7 @@ What DIFFERS (inherent to the trainers, not chosen here)
   1. Teacher prompt wording. TRL builds the teacher turn as teacher_prompt_template.format(prompt=<the student's
      user text>, privileged_context=...) and requires both placeholders, so the student's instruction line stays
      in it. privileged_context = our teacher turn (teacher.teacher_messages) after the problem: header, reference,
-     answer and transition. TRL's teacher prompt is therefore ours plus the student's instruction line (~17
+     answer and transition. TRL's teacher prompt is therefore ours plus the student's instruction line (19
      tokens longer: the mean teacher prompt lengths of both sides are printed), a slightly larger teacher
      forward for TRL.
   2. Reduction: train.py takes the token mean over the whole batch; TRL the token mean per sequence, then the
