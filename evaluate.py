@@ -14,6 +14,9 @@ math-verify). With P problems:
     Pass@k = 100 * (1/P) sum_i [ 1 - C(n - c_i, k) / C(n, k) ]    (unbiased, for every k <= n)
            where  C(n - c, k) / C(n, k) = prod_{j = n-c+1 .. n} (1 - k / j)   (no huge binomials)
     maj@k  = 100 * (1/P) sum_i 1[ the most frequent extracted answer of problem i is correct ]
+    paired difference of two models A, B on the same problems (a_i = c_i^A / n, b_i = c_i^B / n):
+           diff = 100 * (1/P) sum_i (b_i - a_i),  95% CI = the 2.5% and 97.5% quantiles of diff over
+           problem sets resampled with replacement (percentile bootstrap, 10,000 resamples)
     macro  = mean over benchmarks of each of the above
 
 Reasoning health, per model and benchmark (all from the k samples of every problem):
@@ -294,6 +297,21 @@ def pass_at_k_curve(correct, ks=None):
 def avg_at_k(correct):
     """Mean over problems of the fraction of correct samples (in [0, 1]; reports multiply by 100)."""
     return sum(sum(c) / len(c) for c in correct) / len(correct)
+
+
+def paired_bootstrap(base, new, *, n_boot=10000, level=0.95, seed=0):
+    """Paired difference of two models' accuracy on the same problems, with its bootstrap interval.
+
+    base, new: (P,) per-problem accuracies c_i / k of two models on the same P problems, in the same order.
+    diff = mean_i (new_i - base_i). The interval resamples the P problems with replacement n_boot times and
+    takes the (1 - level)/2 and (1 + level)/2 quantiles of the resampled mean differences (percentile
+    bootstrap; pairing removes the problem-difficulty variance both models share). Returns (diff, (lo, hi))."""
+    import numpy as np
+
+    d = np.asarray(new, dtype=np.float64) - np.asarray(base, dtype=np.float64)  # (P,)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))  # (n_boot, P)
+    lo, hi = np.quantile(d[idx].mean(1), [(1 - level) / 2, (1 + level) / 2])
+    return float(d.mean()), (float(lo), float(hi))
 
 
 def majority_vote(answers, correct):
@@ -658,6 +676,7 @@ def evaluate_model(path, label, benches, args, out_samples):
         results[bench] = {
             "n_problems": P, "k": k,
             "avg_at_k": 100 * avg_at_k(cor_pk),
+            "accuracy_per_problem": [sum(c) / k for c in cor_pk],  # (P,) c_i / k, for paired comparisons
             "pass_at_k": {str(kk): 100 * v for kk, v in pass_at_k_curve(cor_pk).items()},
             "maj_at_k": 100 * maj_at_k(ans_pk, cor_pk),
             "health": health,
@@ -687,6 +706,28 @@ def macro(per_bench):
         "maj_at_k": sum(b["maj_at_k"] for b in bs) / len(bs),
         "pass_at_k": {k: sum(b["pass_at_k"][k] for b in bs) / len(bs) for k in sorted(common, key=int)},
     }
+
+
+def paired_differences(results):
+    """Every model after the first against the first, per benchmark: Avg@k difference and its 95% bootstrap
+    interval over problems, in percentage points (paired_bootstrap)."""
+    labels = list(results)
+    out = {}
+    for label in labels[1:]:
+        for bench, r in results[label].items():
+            base = results[labels[0]].get(bench, {}).get("accuracy_per_problem")
+            if base is None or "accuracy_per_problem" not in r:
+                continue  # the macro row has no problems of its own
+            diff, (lo, hi) = paired_bootstrap(base, r["accuracy_per_problem"])
+            out[f"{label} - {labels[0]} | {bench}"] = {"diff": 100 * diff, "ci95": [100 * lo, 100 * hi],
+                                                       "n_problems": len(base)}
+    return out
+
+
+def format_paired(paired, k):
+    return [f"avg@{k} {name}: {p['diff']:+.2f} points, 95% CI [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] "
+            f"over {p['n_problems']} problems" + ("" if p["ci95"][0] > 0 or p["ci95"][1] < 0 else " (includes 0)")
+            for name, p in paired.items()]
 
 
 def format_table(results, k):
@@ -785,11 +826,13 @@ def main(argv=None):
             results[label] = per
 
     report = {"config": vars(args), "models": dict(zip(labels.values(), [str(p) for p in model_paths])),
-              "benchmarks": list(benches), "results": results}
+              "benchmarks": list(benches), "results": results, "paired": paired_differences(results)}
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     plot_pass_at_k(results, os.path.join(args.out, "pass_at_k.png"))
     print(format_table(results, args.k))
+    for line in format_paired(report["paired"], args.k):
+        print(line)
     print(f"wrote {args.out}/report.json, samples.jsonl, pass_at_k.png")
     return 0
 

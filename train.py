@@ -300,8 +300,10 @@ def check_config(cfg):
 # Compute init: the same file runs alone (python train.py) or under torchrun (RANK is set).
 
 
-def init_distributed():
-    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+def init_distributed(fsdp=False):
+    """(distributed, rank, world, device). A process group exists under torchrun with 2+ processes, and
+    with --fsdp also for one process (FSDP2's sharding mesh needs a group even of size 1)."""
+    ddp = "RANK" in os.environ and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or fsdp)
     if not ddp:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return False, 0, 1, device
@@ -362,12 +364,13 @@ class Run:
 
 
 def setup(cfg):
-    ddp, rank, world, device = init_distributed()
+    if cfg.fsdp and "RANK" not in os.environ:
+        raise SystemExit("train.py: --fsdp runs under torchrun, also for one process: "
+                         "torchrun --nproc_per_node=N train.py --fsdp ...")
+    ddp, rank, world, device = init_distributed(fsdp=cfg.fsdp)
     if cfg.prompts_per_step % world:
         raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple of the "
                          f"number of processes ({world}) so that every rank gets the same number of prompts")
-    if cfg.fsdp and cfg.resume:
-        raise SystemExit("train.py: --resume with --fsdp is not supported (optimizer state is sharded)")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -402,7 +405,7 @@ def setup(cfg):
 
     start_step, n_skipped = 0, 0
     if resume_state is not None:
-        opt.load_state_dict(resume_state["optimizer"])
+        load_optimizer_state(cfg, train_model, opt, resume_state["optimizer"])
         sched.load_state_dict(resume_state["scheduler"])
         expo.load_state_dict(resume_state["exposure"])
         torch.set_rng_state(resume_state["rng"]["torch"])
@@ -849,36 +852,42 @@ def log_step(run, log, rec):
 
 
 def maybe_checkpoint(run, done):
-    """Every --save_every steps and at the end. All ranks join the collective gather under FSDP; rank 0 writes."""
+    """Every --save_every steps and at the end. Under FSDP the full model, adapter and optimizer states are
+    gathered by collectives that every rank joins; rank 0 writes."""
     cfg = run.cfg
     if not ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
         return
+    if run.master or cfg.fsdp:
+        model_sd = inference_state_dict(run.train_model)
+        # the adapter for --resume; unsharded, peft reads its own tensors
+        adapter_sd = full_state_dict(run.train_model) if cfg.lora_r and cfg.fsdp else None
+        opt_sd = optimizer_state_dict(cfg, run.train_model, run.opt)
     if run.master:
-        save_checkpoint(cfg, done, run.train_model, run.teacher_model, run.tok, run.opt, run.sched, run.expo,
-                        run.n_skipped, run.ckpt_dir)
-    elif cfg.fsdp:  # the other ranks join the gathers (collectives) of save_model and save_adapter, and write nothing
-        save_model(run.train_model, run.tok, None)
-        if cfg.lora_r:
-            save_adapter(run.train_model, None)
+        save_checkpoint(cfg, done, model_sd, adapter_sd, opt_sd, run, run.ckpt_dir)
     if run.ddp:
         dist.barrier()
 
 
-def save_checkpoint(cfg, step, student, teacher_model, tok, opt, sched, expo, n_skipped, out):
+def save_checkpoint(cfg, step, model_sd, adapter_sd, opt_sd, run, out):
     tmp, old = out + ".tmp", out + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_model(student, tok, os.path.join(tmp, "model"))
+    # a plain save_pretrained folder that transformers and vLLM load, whatever wraps the student; under LoRA
+    # the merged weights under the base model's names, so that loading it needs no peft
+    module = unwrap(run.student)
+    base = module.get_base_model() if lora.is_lora(module) else module
+    base.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd, safe_serialization=True)
+    run.tok.save_pretrained(os.path.join(tmp, "model"))
     if cfg.lora_r:
-        save_adapter(student, os.path.join(tmp, "adapter"))  # what --resume reads; model/ is for inference
+        lora.save_adapter(module, os.path.join(tmp, "adapter"), state_dict=adapter_sd)  # what --resume reads
     state = {
-        "step": step, "n_skipped": n_skipped, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "exposure": expo.state_dict(), "config": dataclasses.asdict(cfg),
+        "step": step, "n_skipped": run.n_skipped, "optimizer": opt_sd, "scheduler": run.sched.state_dict(),
+        "exposure": run.expo.state_dict(), "config": dataclasses.asdict(cfg),
         # data order and rollout seeds are functions of (seed, step); these cover everything else
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
     }
     if cfg.teacher == "ema":
-        state["ema_teacher"] = teacherlib.ema_state(teacher_model)  # under LoRA: the EMA adapter only
+        state["ema_teacher"] = teacherlib.ema_state(run.teacher_model)  # under LoRA: the EMA adapter only
     torch.save(state, os.path.join(tmp, "trainer.pt"))
     # an interrupted write leaves either the old checkpoint (renamed to .old) or the new one complete
     if os.path.exists(out):
@@ -888,28 +897,13 @@ def save_checkpoint(cfg, step, student, teacher_model, tok, opt, sched, expo, n_
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(student, tok, path):
-    """A plain save_pretrained folder that transformers and vLLM load, whatever wraps the student. Under LoRA
-    the merged weights W + s B A under the base model's names: loading it needs no peft."""
+def inference_state_dict(student):
+    """The weights of model/: the student's own, or under LoRA the merged W + s B A (FSDP2: every rank joins
+    each gather)."""
     module = unwrap(student)
     if lora.is_lora(module):
-        sd = {k: v.cpu() for k, v in lora.merged_weights(module)}  # FSDP2: every rank joins each gather
-        module = module.get_base_model()
-    else:
-        sd = full_state_dict(student)
-    if not is_rank0():
-        return
-    module.save_pretrained(path, state_dict=sd, safe_serialization=True)
-    tok.save_pretrained(path)
-
-
-def save_adapter(student, path):
-    """The LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors): A and B only."""
-    module = unwrap(student)
-    sharded = any(hasattr(p, "full_tensor") for p in module.parameters())
-    sd = full_state_dict(student) if sharded else None  # FSDP2: gathered (every rank joins); else peft reads its own
-    if is_rank0():
-        lora.save_adapter(module, path, state_dict=sd)
+        return {k: v.cpu() for k, v in lora.merged_weights(module)}
+    return full_state_dict(student)
 
 
 def full_state_dict(student):
@@ -918,6 +912,26 @@ def full_state_dict(student):
 
         return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in unwrap(student).state_dict().items()}
+
+
+def optimizer_state_dict(cfg, model, opt):
+    """The optimizer state to save. Under FSDP each rank holds a shard of it: gather the full, unsharded
+    state (keyed by parameter name), so that a resumed run can shard it again, on any number of ranks."""
+    if not cfg.fsdp:
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(cfg, model, opt, state):
+    if not cfg.fsdp:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    # every rank read the full state from trainer.pt; each keeps its own shard of it
+    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
 def unwrap(m):

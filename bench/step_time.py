@@ -1,11 +1,14 @@
 """Where the time of one training step goes, and how close the model math runs to the machine's matmul peak.
 
 Measured in one run, side by side:
-  1. the machine's bf16 matmul rate (2048^3 matmuls), the reference for every fraction below;
+  1. the machine's bf16 and fp32 matmul rates (2048^3 matmuls), the reference for every fraction below,
+     and its memory bandwidth (a 256 MiB tensor copy);
   2. on the embedded model with a batch shaped like `make demo`'s (B sequences, prompt + T response tokens):
-     rollout (HF generate), teacher forward (no grad), student forward + backward with the DASD loss,
-     optimizer step; each phase's seconds, and for the forward/backward phases the achieved FLOP rate
-     as a fraction of (1).
+     rollout (HF generate, under autocast as in train.py), teacher forward (no grad), student forward +
+     backward with the DASD loss, optimizer step; each phase's seconds, and for the forward/backward phases
+     the achieved FLOP rate as a fraction of (1);
+  3. the step's limit: the time the rollout, teacher and student phases would take at the measured peaks,
+     next to their measured time.
 
 FLOP counts (per sequence of S = prompt + response tokens, T response tokens, n_layers L, width d):
   forward  = 2 * N_body * S  +  2 * L * S^2 * d  (causal attention: QK^T and AV, each S^2 d / 2 MACs)
@@ -13,8 +16,24 @@ FLOP counts (per sequence of S = prompt + response tokens, T response tokens, n_
   backward = 2 * forward
 where N_body counts the parameters of the transformer blocks (embedding lookups are free).
 
+The limit (a lower bound on the step's time on this machine, from two measured peaks):
+  compute limit = (teacher forward FLOPs + student forward/backward FLOPs) / matmul rate of the dtype in use
+  decode limit  = n_decode x W / bandwidth
+      n_decode  = decoding steps of the rollout = the longest sampled response (generate runs one batched
+                  forward per new token until every sequence has stopped; the prompt's forward is the first)
+      W         = bytes of weights read per decoding step, once for the whole batch: every parameter once
+                  (the tied embedding is read in full as the lm_head; the input lookup reads B rows only) x
+                  2 bytes in bf16 (autocast casts each fp32 weight once per generate call and caches the bf16
+                  copy) or 4 in fp32
+      bandwidth = 2 x 256 MiB / (time of one 256 MiB tensor copy: a read and a write of every byte)
+  step limit    = compute limit + decode limit;  measured step = rollout + teacher forward + student fwd+bwd
+Decoding is taken as memory-bound: each step multiplies B rows by every weight matrix, 2 * N * B FLOPs, far
+below what the machine computes in the time it reads N weights at small B (the compute time of decoding is
+printed beside it to check). Left out of the limit: the KV-cache reads of decoding, the softmax / loss passes
+(elementwise, memory-bound) and the optimizer step (not a matmul; printed on its own).
+
 Run:
-    python bench/step_time.py                 # B=8, T=128, bf16 autocast
+    python bench/step_time.py                 # B=8, T=128, dtype = the faster matmul of bf16 / fp32
     python bench/step_time.py --B 4 --T 64 --dtype float32
 """
 
@@ -43,6 +62,17 @@ def matmul_rate(dtype, n=2048, reps=5):
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def copy_bandwidth(nbytes=2**28, reps=5):
+    """Bytes per second moved by a large tensor copy (each copy reads and writes nbytes)."""
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: the first touch of fresh pages costs page faults, not bandwidth
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    return 2 * nbytes * reps / (time.perf_counter() - t)
+
+
 def forward_flops(cfg, n_body, seq_lens, resp_lens):
     d, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     f = 0
@@ -63,15 +93,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--B", type=int, default=8, help="sequences per step")
     ap.add_argument("--T", type=int, default=128, help="response tokens per sequence")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="auto: the faster of the bf16 and fp32 matmul rates measured at the start")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
 
     peak = matmul_rate(torch.bfloat16)
     peak32 = matmul_rate(torch.float32)
-    print(f"machine: bf16 matmul {peak / 1e9:.0f} GFLOP/s, fp32 matmul {peak32 / 1e9:.0f} GFLOP/s "
-          f"({torch.get_num_threads()} threads)")
+    bandwidth = copy_bandwidth()
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if peak > peak32 else "float32"
+    print(f"machine: bf16 matmul {peak / 1e9:.0f} GFLOP/s, fp32 matmul {peak32 / 1e9:.0f} GFLOP/s, "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s ({torch.get_num_threads()} threads) -> dtype {args.dtype}")
 
     student, tok = modellib.load(dtype=torch.float32)
     teacher_model = teacherlib.make_teacher(student, mode="frozen")
@@ -88,10 +122,14 @@ def main():
 
     # rollout phase: the HF backend generating T tokens per prompt (min_new_tokens keeps lengths fixed)
     engine = rollout.make_rollout("hf", model=student, tokenizer=tok, seed=0, dtype=args.dtype)
+    with autocast():  # warm-up: first-call costs (allocator, kernel selection) stay out of the timing
+        engine.generate(s_prompts[:1], n=1, max_new_tokens=2, temperature=1.0, seed=0)
     t = time.perf_counter()
-    samples = engine.generate(s_prompts, n=1, max_new_tokens=args.T, temperature=1.0, seed=0)
+    with autocast():  # as train.py's sample_batch: bf16 matmuls over the fp32 weights
+        samples = engine.generate(s_prompts, n=1, max_new_tokens=args.T, temperature=1.0, seed=0)
     t_roll = time.perf_counter() - t
     gen_tokens = sum(len(s.token_ids) for s in samples)
+    n_decode = max(len(s.token_ids) for s in samples)  # decoding steps: generate runs until all have stopped
     # fixed-length responses for the forward/backward phases so every variant sees the same shapes
     responses = [torch.randint(3, cfg.vocab_size, (args.T,)).tolist() for _ in rows]
 
@@ -136,6 +174,25 @@ def main():
     print(f"{'optimizer step (AdamW fp32)':34s} {t_opt:8.2f}")
     print(f"targets: student fwd+bwd >= 35% of peak, teacher forward >= 45% of peak "
           f"(peak = measured {args.dtype} matmul rate)")
+
+    # the limit: compute phases at the measured matmul rate, decoding at the measured memory bandwidth
+    n_params = sum(p.numel() for p in student.parameters())  # unique parameters: the tied lm_head counted once
+    w_bytes = n_params * (2 if bf16 else 4)  # weights read per decoding step, once for the whole batch
+    lim_roll = n_decode * w_bytes / bandwidth
+    lim_teacher, lim_student = f_teacher / ref, f_student / ref
+    decode_compute = n_decode * 2 * n_params * args.B / ref  # the decoding matmuls at the peak rate
+    measured = t_roll + t_teacher + t_student
+    limit = lim_roll + lim_teacher + lim_student
+    print(f"\nlimit (compute at {ref / 1e9:.0f} GFLOP/s {args.dtype}, decoding at {bandwidth / 1e9:.1f} GB/s: "
+          f"{n_decode} steps x {w_bytes / 2**20:.0f} MiB of weights)")
+    print(f"{'phase':34s} {'measured':>8s} {'limit':>8s} {'ratio':>8s}")
+    for name, sec, lim in [("rollout (decode, memory-bound)", t_roll, lim_roll),
+                           ("teacher forward", t_teacher, lim_teacher),
+                           ("student fwd+bwd (model + DASD loss)", t_student, lim_student),
+                           ("step (the three above)", measured, limit)]:
+        print(f"{name:34s} {sec:8.2f} {lim:8.2f} {sec / lim:8.1f}x")
+    print(f"(decoding's matmuls at the peak rate would take {decode_compute:.2f} s: "
+          f"{'below' if decode_compute < lim_roll else 'ABOVE'} the memory term; the optimizer step is not in the limit)")
 
 
 if __name__ == "__main__":

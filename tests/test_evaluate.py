@@ -211,9 +211,11 @@ def test_check_answer_in_worker_threads_agrees_with_main_thread():
     # math-verify's own timeout uses SIGALRM, which raises ValueError outside the main thread;
     # check_answer must give the same verdicts from a thread pool (a reward worker)
     cases = EQUIVALENT + WRONG
-    main = [ev.check_answer(r, g) for r, g in cases]
+    # a generous deadline: on a busy machine two threads share the GIL, and a slow sympy check must not
+    # time out into a False here (the deadline itself is tested below)
+    main = [ev.check_answer(r, g, timeout=60) for r, g in cases]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        threaded = list(pool.map(lambda rg: ev.check_answer(*rg), cases))
+        threaded = list(pool.map(lambda rg: ev.check_answer(*rg, timeout=60), cases))
     assert threaded == main
     assert main == [True] * len(EQUIVALENT) + [False] * len(WRONG)
 
@@ -410,3 +412,41 @@ def test_evaluate_end_to_end(embedded_dir, tmp_path):
     assert h["length"]["mean"] == pytest.approx(sum(s["length"] for s in samples) / 4)
     assert 0 < h["entropy"] < math.log(49152)
     assert "avg@2" in proc.stdout  # the printed table
+
+
+def test_paired_bootstrap_matches_exhaustive_enumeration():
+    # With P = 5 problems there are 5^5 = 3125 equally likely resamples: enumerate them all for the exact
+    # bootstrap distribution of the mean difference, and compare its 2.5% / 97.5% quantiles (inverse CDF)
+    # with the sampled bootstrap's interval.
+    import itertools
+
+    base = [0.0, 0.25, 0.5, 1.0, 0.75]
+    new = [0.5, 0.25, 1.0, 0.75, 1.0]
+    d = [b - a for a, b in zip(base, new)]
+    means = sorted(sum(d[i] for i in pick) / len(d) for pick in itertools.product(range(len(d)), repeat=len(d)))
+
+    def inverse_cdf(q):
+        x = means[math.ceil(q * len(means)) - 1]
+        below, upto = sum(m < x for m in means) / len(means), sum(m <= x for m in means) / len(means)
+        # guard the test itself: q must sit well inside the atom's CDF step, not near a jump, where a sampled
+        # bootstrap (standard error ~3e-4 in the CDF here) could land on the neighbouring value
+        assert below + 2e-3 < q < upto - 2e-3, (q, below, upto)
+        return x
+
+    diff, (lo, hi) = ev.paired_bootstrap(base, new, n_boot=400_000, seed=1)
+    assert diff == pytest.approx(sum(d) / len(d))
+    assert lo == pytest.approx(inverse_cdf(0.025), abs=1e-9)
+    assert hi == pytest.approx(inverse_cdf(0.975), abs=1e-9)
+    # identical models: a zero difference with a zero-width interval
+    assert ev.paired_bootstrap(base, base) == (0.0, (0.0, 0.0))
+
+
+def test_paired_differences_of_a_report():
+    results = {"a": {"x": {"accuracy_per_problem": [0.0, 0.5, 1.0, 0.0]}},
+               "b": {"x": {"accuracy_per_problem": [1.0, 1.0, 1.0, 1.0]}, "macro": {"avg_at_k": 100.0}}}
+    p = ev.paired_differences(results)
+    assert list(p) == ["b - a | x"]
+    assert p["b - a | x"]["diff"] == pytest.approx(62.5) and p["b - a | x"]["n_problems"] == 4
+    lo, hi = p["b - a | x"]["ci95"]
+    assert 0.0 <= lo <= 62.5 <= hi <= 100.0
+    assert "includes 0" not in ev.format_paired(p, 4)[0]

@@ -5,6 +5,7 @@ start on CPU). They are marked `vllm` and run by default.
 """
 
 import copy
+import os
 import math
 from types import SimpleNamespace
 
@@ -53,6 +54,18 @@ def brute_force_logp(logits, token, temperature, top_k, top_p):
 
 
 @torch.no_grad()
+def near_sampling_boundary(logits, temperature, top_k, top_p, tol=1e-3):
+    """(T,) bool: positions where float noise between two backends (~1e-4 in the logits) could change which
+    tokens top-k / top-p keep: the k-th and (k+1)-th scaled logits, or a cumulative probability of the
+    sorted kept tokens and top_p, closer than tol. There the two backends may renormalize over different
+    sets, and their log-probs legitimately differ by the boundary token's probability."""
+    z = logits.float() / temperature  # (T, V)
+    zs = z.sort(-1, descending=True).values  # (T, V)
+    near = (zs[:, top_k - 1] - zs[:, top_k]).abs() < tol if 0 < top_k < z.shape[-1] else torch.zeros(len(z), dtype=torch.bool)
+    p = torch.softmax(zs[:, :top_k] if top_k > 0 else zs, -1)  # (T, k) kept by top-k, renormalized
+    return near | ((p.cumsum(-1) - top_p).abs() < tol).any(-1)
+
+
 def teacher_forced_logits(model, prompt, response):
     """Logits predicting each response token, from one unpadded forward pass. Returns (T, V) float32."""
     ids = torch.tensor([list(prompt) + list(response)])
@@ -196,10 +209,13 @@ def policy(embedded_dir):
 def vllm_engine(policy, embedded_dir):
     pytest.importorskip("vllm")
     m, tok = policy
+    env = dict(os.environ)  # the engine sets LD_PRELOAD, thread and rank variables for its own process
     engine = rollout.make_rollout("vllm", model=m, model_path=embedded_dir, tokenizer=tok, dtype="float32",
                                   max_model_len=512, kv_cache_gb=0.25, seed=0)
     yield engine
     engine.shutdown()  # also removes the 1-rank process group vLLM set up in this pytest process
+    os.environ.clear()  # later tests (and the subprocesses they start) see the environment they began with
+    os.environ.update(env)
 
 
 def chat(tok, text):
@@ -314,7 +330,9 @@ def test_vllm_sampling_logprobs_match_transformers(policy, vllm_engine):
         want = want.gather(1, torch.tensor(s.token_ids)[:, None]).squeeze(1)  # (T,)
         # the first token, checked against the loop reference as well
         assert abs(want[0].item() - brute_force_logp(logits[0].tolist(), s.token_ids[0], 0.8, 50, 0.9)) < 1e-4
-        assert (torch.tensor(s.logprobs) - want).abs().max() < 1e-3
+        sure = ~near_sampling_boundary(logits, 0.8, 50, 0.9)  # (T,) positions both backends must agree on
+        assert sure.float().mean() > 0.5, "too few unambiguous positions to compare"
+        assert (torch.tensor(s.logprobs) - want)[sure].abs().max() < 1e-3
 
 
 @pytest.mark.vllm
@@ -345,8 +363,15 @@ def test_backends_same_structure_stop_and_truncation(policy, vllm_engine):
         assert samples[1].truncated and samples[1].finish_reason == "length"
         cut = engine.generate(prompts, n=2, max_new_tokens=2, seed=0)
         check_structure(cut, 2, 2, 2, engine.stop_ids)
-    # greedy decoding in float32: both backends pick the same tokens
-    assert [s.token_ids for s in greedy["hf"]] == [s.token_ids for s in greedy["vllm"]]
+    # greedy decoding in float32: both backends pick the same tokens, except after a near-tie: where the
+    # top two logits are closer than the backends' float noise (~1e-4), either pick is right
+    for a, b, p in zip(greedy["hf"], greedy["vllm"], prompts):
+        j = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+        if j is None:
+            assert a.token_ids == b.token_ids
+            continue
+        top2 = teacher_forced_logits(m, p, a.token_ids)[j].topk(2).values
+        assert top2[0] - top2[1] < 1e-3, (j, a.token_ids, b.token_ids)
 
 
 @pytest.mark.vllm
@@ -368,5 +393,6 @@ def test_vllm_seeded_batch_larger_than_one_scheduler_step(policy, vllm_engine):
     big = vllm_engine.generate(prompts, n=2, max_new_tokens=3, seed=5)
     check_structure(big, 40, 2, 3, vllm_engine.stop_ids)
     for i in (0, 23, 39):  # prompt i's samples are seeded 5 + 2i and 5 + 2i + 1
+        vllm_engine.llm.reset_prefix_cache()  # computed afresh, not from the batch's cached prefixes
         alone = vllm_engine.generate([prompts[i]], n=2, max_new_tokens=3, seed=5 + 2 * i)
         assert [s.token_ids for s in alone] == [s.token_ids for s in big[2 * i:2 * i + 2]]
