@@ -239,7 +239,7 @@ def generate_problems(n, *, seed, levels=(1, 2, 3), split=None, max_tries=2000):
 
 
 EMBEDDED_SEEDS = {"train": 1234, "test": 5678}
-EMBEDDED_SIZES = {"train": 3000, "test": 150}  # test: 50 per level
+EMBEDDED_SIZES = {"train": 3000, "test": 300}  # test: 100 per level; the first 150 are the earlier 150-problem split
 
 
 def embedded_split(split, n=None, *, levels=(1, 2, 3)):

@@ -634,6 +634,7 @@ def evaluate_model(path, label, benches, args, out_samples):
     import teacher
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = model_lib.pick_dtype(args.dtype, device)
     dtype = getattr(torch, args.dtype)
     policy, tok = model_lib.load(path, dtype=dtype, device=device)
     policy.eval()
@@ -772,7 +773,8 @@ def build_parser():
                    help="vLLM's share of GPU memory (the transformers copy for the entropy pass needs the rest)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch_problems", type=int, default=8, help="prompts per generate call")
-    p.add_argument("--dtype", default="bfloat16", help="model dtype (torch attribute name)")
+    p.add_argument("--dtype", default="auto",
+                   help="bfloat16 | float32 | auto (bfloat16 on GPU; on CPU the faster matmul, measured at start)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.add_argument("--no_fallback", action="store_true", help="only \\boxed{} answers count (no 'the answer is X' fallback)")
     p.add_argument("--answer_timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds allowed to check one answer")

@@ -120,6 +120,30 @@ def load(name_or_path=None, *, dtype=torch.bfloat16, device="cpu", trust_remote_
     return model.to(device), tok
 
 
+def matmul_rate(dtype, n=1024, reps=4):
+    """FLOP/s of an (n, n) @ (n, n) matmul in `dtype` on this CPU, after one warm-up product."""
+    import time
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def pick_dtype(name, device="cpu"):
+    """Resolves --dtype auto: bfloat16 on a GPU; on a CPU whichever of bfloat16 and float32 multiplies
+    matrices faster on this machine (measured, about 0.1 s). CPUs differ here: with native bf16 units
+    bf16 is 2-7x faster than fp32, without them bf16 is emulated and up to 2x slower. Any other name is
+    returned as it is."""
+    if name != "auto":
+        return name
+    if torch.device(device).type != "cpu":
+        return "bfloat16"
+    return "bfloat16" if matmul_rate(torch.bfloat16) > matmul_rate(torch.float32) else "float32"
+
+
 if __name__ == "__main__":
     path = embedded_model_dir()
     print("embedded model folder:", path)

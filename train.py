@@ -36,8 +36,9 @@ Where this file departs from the textbook algorithms (each is a flag):
      all ranks), so one process and N processes with the same global batch take the same step.
   4. Rollouts are re-seeded every step from (seed, step, rank): a resumed run samples exactly what an
      uninterrupted run would, with no generator state to carry.
-  5. Parameters stay float32 (the optimizer's master copy); matmuls run in bf16 autocast when
-     --dtype bfloat16 (the fast path on recent CPUs and on GPUs).
+  5. Parameters stay float32 (the optimizer's master copy); matmuls run in bf16 autocast when the dtype is
+     bfloat16. --dtype auto (the default) takes bf16 on a GPU and, on a CPU, whichever of bf16 and fp32
+     multiplies faster on this machine (measured at start: CPUs without bf16 units emulate it slowly).
   6. The exposure controller runs identically on every rank from all-reduced statistics, so all
      ranks use the same alpha without a broadcast.
 """
@@ -192,8 +193,9 @@ class Config:
     """vLLM: tensor parallel size of each engine."""
     vllm_sleep: bool = False
     """vLLM (GPU): put the engine to sleep during the training phase to free its memory."""
-    dtype: str = "bfloat16"
-    """bfloat16 (autocast, fp32 master weights) | float32."""
+    dtype: str = "auto"
+    """bfloat16 (autocast, fp32 master weights) | float32 | auto (bfloat16 on GPU; on CPU the one whose
+    matmuls are faster on this machine, measured at start; recorded in config.json)."""
     fsdp: bool = False
     """Shard the student with FSDP2 (fully_shard) instead of DDP, for models that do not fit one device."""
     seed: int = 0
@@ -280,8 +282,8 @@ def check_config(cfg):
         errors.append("--steps, --prompts_per_step, --samples_per_prompt and --micro_batch must be >= 1")
     if cfg.temperature <= 0:
         errors.append("--temperature must be > 0 (on-policy distillation needs sampled rollouts)")
-    if cfg.dtype not in ("bfloat16", "float32"):
-        errors.append(f"--dtype {cfg.dtype!r}: choose bfloat16 or float32")
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        errors.append(f"--dtype {cfg.dtype!r}: choose auto, bfloat16 or float32")
     if cfg.topk is not None and cfg.topk < 1:
         errors.append(f"--topk {cfg.topk} must be >= 1 (none: the full vocabulary)")
     if cfg.optimizer not in ("adamw", "sgd"):
@@ -385,6 +387,7 @@ def setup(cfg):
         if not os.path.isdir(ckpt_dir):
             raise SystemExit(f"train.py: --resume but no checkpoint in {ckpt_dir}")
         resume_state = load_checkpoint(ckpt_dir)
+    cfg.dtype = choose_dtype(cfg, device, ddp, resume_state)
     start_path = modellib.resolve(cfg.model)
     student, tok, teacher_model = load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir)
     train_model = wrap_for_parallel(cfg, student, ddp, device)
@@ -424,6 +427,19 @@ def setup(cfg):
             engine.sync_weights(student)
     return Run(cfg, ddp, rank, world, device, rows, tok, student, train_model, teacher_model, opt, sched, expo,
                engine, start_step, n_skipped, ckpt_dir)
+
+
+def choose_dtype(cfg, device, ddp, resume_state):
+    """--dtype auto -> bfloat16 or float32 (model.pick_dtype). A resumed run keeps the dtype it was started
+    with, and every rank takes rank 0's measurement, so the arithmetic never changes within a run."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if resume_state is not None:
+        return resume_state["config"]["dtype"]
+    bf16 = torch.tensor([float(modellib.pick_dtype("auto", device) == "bfloat16")], device=device)
+    if ddp:
+        dist.broadcast(bf16, src=0)
+    return "bfloat16" if bf16.item() else "float32"
 
 
 def load_rows(cfg):

@@ -332,3 +332,24 @@ def test_vllm_rollout_in_training(tmp_path, embedded_dir):
     m = read_metrics(tmp_path)
     assert [r["step"] for r in m] == [1, 2]
     assert m[1]["time/sync"] > 0.0
+
+
+def test_dtype_auto_takes_the_faster_matmul_and_a_resume_keeps_its_dtype(monkeypatch):
+    import model as modellib
+    import train
+
+    rates = {}
+    monkeypatch.setattr(modellib, "matmul_rate", lambda dtype, **kw: rates[dtype])
+    rates.update({torch.bfloat16: 7.0, torch.float32: 1.0})  # a CPU with bf16 units
+    assert modellib.pick_dtype("auto") == "bfloat16"
+    rates.update({torch.bfloat16: 1.0, torch.float32: 1.8})  # bf16 emulated: slower than fp32
+    assert modellib.pick_dtype("auto") == "float32"
+    assert modellib.pick_dtype("auto", "cuda") == "bfloat16"  # never measured on a GPU
+    assert modellib.pick_dtype("bfloat16") == "bfloat16"  # an explicit choice is kept
+
+    cfg = train.parse_config(["--dtype", "auto"])
+    assert train.choose_dtype(cfg, torch.device("cpu"), False, None) == "float32"
+    # resumed: the dtype the run started with, whatever this machine measures now
+    assert train.choose_dtype(cfg, torch.device("cpu"), False, {"config": {"dtype": "bfloat16"}}) == "bfloat16"
+    cfg = train.parse_config(["--dtype", "bfloat16"])
+    assert train.choose_dtype(cfg, torch.device("cpu"), False, None) == "bfloat16"
