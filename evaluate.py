@@ -768,7 +768,7 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass")
     p.add_argument("--rollout", choices=["hf", "vllm"], default=None,
-                   help="generation backend (default: vllm on a GPU, hf on CPU, where it is faster)")
+                   help="generation backend (default: vllm wherever it is installed, on GPU or CPU; else hf)")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.5,
                    help="vLLM's share of GPU memory (the transformers copy for the entropy pass needs the rest)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -812,9 +812,9 @@ def main(argv=None):
 
     # ---- every model on every benchmark ----
     if args.rollout is None:
-        import torch
+        import rollout
 
-        args.rollout = "vllm" if torch.cuda.is_available() else "hf"
+        args.rollout = rollout.default_backend()
     model_paths = args.model or [None]
     labels = _labels([p if p is not None else "embedded" for p in model_paths])
     results = {}

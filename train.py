@@ -186,7 +186,7 @@ class Config:
 
     # --- systems
     rollout: str = "auto"
-    """Rollout backend: auto (vllm on GPU, hf on CPU) | vllm | hf."""
+    """Rollout backend: auto (vllm wherever it is installed, GPU or CPU; else hf) | vllm | hf."""
     vllm_gpu_memory_utilization: float = 0.3
     """vLLM: fraction of GPU memory for the colocated engine (weights + KV cache)."""
     vllm_tensor_parallel_size: int = 1

@@ -195,7 +195,7 @@ def train_cmd(args, method, seed, lr, train_data, out_dir, alpha=None):
            "--data", train_data, "--seed", str(seed), "--lr", str(lr),
            "--steps", str(args.steps), "--prompts_per_step", str(args.prompts_per_step),
            "--samples_per_prompt", str(args.samples_per_prompt), "--max_new_tokens", str(args.max_new_tokens),
-           "--save_every", str(args.save_every), "--out_dir", out_dir, "--rollout", "auto"]  # hf on CPU, vLLM on GPU
+           "--save_every", str(args.save_every), "--out_dir", out_dir, "--rollout", "auto"]  # vLLM where installed
     if method == "opsd_fixed":
         cmd += ["--alpha", str(args.fixed_alpha if alpha is None else alpha)]
     if "atesd" in METHODS[method]:

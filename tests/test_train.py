@@ -23,13 +23,24 @@ def train_env(nproc=1):
                 TOKENIZERS_PARALLELISM="false")
 
 
+def pinned(args):
+    """train.py's machine-dependent defaults made explicit unless a test sets them: HF rollouts (--rollout auto
+    takes vLLM wherever it is installed; the vLLM tests ask for it) and bf16 (--dtype auto measures the CPU)."""
+    args = list(args)
+    if "--rollout" not in args:
+        args += ["--rollout", "hf"]
+    if "--dtype" not in args:
+        args += ["--dtype", "bfloat16"]
+    return args
+
+
 def run_train(out_dir, *args, nproc=1, check=True, timeout=900):
     env = train_env(nproc)
     if nproc == 1:
         cmd = [sys.executable, "train.py"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
-    cmd += ["--out_dir", str(out_dir), *args]
+    cmd += ["--out_dir", str(out_dir), *pinned(args)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
@@ -155,7 +166,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path, embedded_dir):
 
 def sigkill_at_first_checkpoint(out, args):
     """Start train.py and SIGKILL it as soon as its first checkpoint is complete; returns that checkpoint's step."""
-    p = subprocess.Popen([sys.executable, "train.py", "--out_dir", str(out), *args], cwd=ROOT, env=train_env(),
+    p = subprocess.Popen([sys.executable, "train.py", "--out_dir", str(out), *pinned(args)], cwd=ROOT, env=train_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not os.path.exists(out / "ckpt" / "trainer.pt") and time.time() < deadline:

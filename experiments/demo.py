@@ -1,0 +1,197 @@
+"""`make demo`: the main job on the embedded default, timed, with a paired confidence interval.
+
+Set-up (once; cached under ~/.cache/opsd like the model conversion, not part of the timed run):
+    the *format warm start*. SmolLM2-135M-Instruct rarely ends with an answer in \\boxed{} (Avg@4 ~0 on the
+    embedded test split); the papers start from instruct models that already do. A short SFT on
+    training-split reference solutions (never the test split) gives a start point that succeeds sometimes
+    (Avg@4 ~40), so that gains and losses are both visible. --warm_start none starts from the model itself.
+
+Timed (what `minutes` in summary.json measures):
+    1. train.py --method <method> from the warm start, --steps steps;
+    2. evaluate.py on the first --n_problems embedded test problems, k samples each, the start point and
+       the trained model in one run, vLLM rollouts;
+    3. the paired Avg@k difference (trained - start) over problems with its 95% bootstrap interval
+       (evaluate.paired_bootstrap), printed and written to <out>/summary.json.
+
+    python experiments/demo.py                       # what `make demo` runs
+    python experiments/demo.py --method opsd --steps 12 --out runs/demo_opsd
+
+An interrupted run resumes: the warm start from its checkpoint, training with train.py --resume, and a
+finished stage (final/, report.json) is not run again.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import model as modellib  # noqa: E402
+
+# The warm-start recipe (flags of train.py --method sft). Part of the cache key: changing it builds a new one.
+WARM_START = ["--method", "sft", "--steps", "30", "--prompts_per_step", "16", "--micro_batch", "8",
+              "--lr", "1e-4", "--max_new_tokens", "128", "--dtype", "bfloat16", "--seed", "0"]
+SUMMARY_KEYS = ("start_avg", "trained_avg", "diff", "ci95", "n_problems", "k", "method", "minutes", "machine")
+
+
+def run(cmd, log):
+    """Run a subprocess from the repository root, its output teed to `log` and to our stdout."""
+    print("$ " + " ".join(cmd), flush=True)
+    with open(log, "a") as f:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in p.stdout:
+            f.write(line)
+            sys.stdout.write(line)
+        if p.wait():
+            raise SystemExit(f"demo: {cmd[1]} failed (exit {p.returncode}); its output is in {log}")
+
+
+def warm_start_dir(recipe=WARM_START):
+    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:10]
+    return os.path.join(modellib.cache_root(), f"warmstart-{key}")
+
+
+def ensure_warm_start(py, recipe=WARM_START):
+    """The cached warm-start model folder; trained once (resumable) when missing."""
+    final = warm_start_dir(recipe)
+    if os.path.exists(os.path.join(final, "config.json")):
+        return final
+    work = final + ".run"
+    os.makedirs(work, exist_ok=True)
+    print(f"set-up: format warm start (SFT on training-split solutions, once) -> {final}", flush=True)
+    resume = ["--resume"] if os.path.isdir(os.path.join(work, "ckpt")) else []
+    run([py, "train.py", *recipe, "--save_every", "5", "--out_dir", work, *resume], os.path.join(work, "train.log"))
+    shutil.copytree(os.path.join(work, "final"), final + ".tmp", dirs_exist_ok=True)
+    os.replace(final + ".tmp", final)
+    shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def machine():
+    """CPU model and the matmul rates that decide --dtype auto, measured now."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    bf16, fp32 = modellib.matmul_rate(torch.bfloat16), modellib.matmul_rate(torch.float32)
+    return {"cpu": cpu, "cores": os.cpu_count(), "bf16_matmul_gflops": round(bf16 / 1e9, 1),
+            "fp32_matmul_gflops": round(fp32 / 1e9, 1), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def make_summary(report, *, method, steps, minutes, machine_info, start_label, trained_label, bench="embedded:test"):
+    """summary.json from evaluate.py's report.json: the start point, the trained model, their paired difference."""
+    res = report["results"]
+    paired = report["paired"][f"{trained_label} - {start_label} | {bench}"]
+    return {
+        "start_avg": res[start_label][bench]["avg_at_k"],
+        "trained_avg": res[trained_label][bench]["avg_at_k"],
+        "diff": paired["diff"],
+        "ci95": paired["ci95"],
+        "n_problems": paired["n_problems"],
+        "k": report["config"]["k"],
+        "method": method,
+        "steps": steps,
+        "minutes": round(minutes, 2),
+        "machine": machine_info,
+        "start_pass_at_k": res[start_label][bench]["pass_at_k"],
+        "trained_pass_at_k": res[trained_label][bench]["pass_at_k"],
+    }
+
+
+def check_summary(s):
+    """Raises ValueError naming the first field that is missing or malformed."""
+    for k in SUMMARY_KEYS:
+        if k not in s:
+            raise ValueError(f"summary.json: missing field {k!r}")
+    for k in ("start_avg", "trained_avg", "diff", "minutes"):
+        if not isinstance(s[k], (int, float)):
+            raise ValueError(f"summary.json: {k} must be a number, got {s[k]!r}")
+    for k in ("start_avg", "trained_avg"):
+        if not 0 <= s[k] <= 100:
+            raise ValueError(f"summary.json: {k} is a percentage, got {s[k]}")
+    lo, hi = s["ci95"] if isinstance(s["ci95"], list) and len(s["ci95"]) == 2 else (None, None)
+    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo <= hi):
+        raise ValueError(f"summary.json: ci95 must be [lo, hi] with lo <= hi, got {s['ci95']!r}")
+    if abs(s["diff"] - (s["trained_avg"] - s["start_avg"])) > 1e-6:
+        raise ValueError(f"summary.json: diff {s['diff']} is not trained_avg - start_avg")
+    if not lo - 1e-9 <= s["diff"] <= hi + 1e-9:
+        raise ValueError(f"summary.json: diff {s['diff']} lies outside ci95 {s['ci95']}")
+    for k in ("n_problems", "k"):
+        if not (isinstance(s[k], int) and s[k] >= 1):
+            raise ValueError(f"summary.json: {k} must be a positive integer, got {s[k]!r}")
+    if not isinstance(s["method"], str) or not s["method"]:
+        raise ValueError("summary.json: method must name the trained method")
+    m = s["machine"]
+    if not (isinstance(m, dict) and {"cpu", "bf16_matmul_gflops", "fp32_matmul_gflops"} <= set(m)):
+        raise ValueError("summary.json: machine needs cpu, bf16_matmul_gflops and fp32_matmul_gflops")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--method", default="sft", help="train.py --method (with its default exposure)")
+    ap.add_argument("--steps", type=int, default=8, help="training steps")
+    ap.add_argument("--train_args", default="--prompts_per_step 16 --micro_batch 8 --lr 1e-5 --max_new_tokens 96",
+                    help="further train.py flags")
+    ap.add_argument("--warm_start", default="sft", choices=["sft", "none"],
+                    help="start from the cached format warm start, or from the embedded model itself")
+    ap.add_argument("--n_problems", type=int, default=200, help="embedded test problems evaluated")
+    ap.add_argument("--k", type=int, default=4, help="samples per problem")
+    ap.add_argument("--max_new_tokens", type=int, default=96, help="evaluation response cap")
+    ap.add_argument("--rollout", default="vllm", choices=["vllm", "hf"], help="backend of rollouts and evaluation")
+    ap.add_argument("--out", default="runs/demo", help="output folder")
+    args = ap.parse_args(argv)
+
+    py = sys.executable
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    start = ensure_warm_start(py) if args.warm_start == "sft" else modellib.embedded_model_dir()
+
+    t0 = time.time()
+    info = machine()
+    print(f"machine: {info['cpu']}, bf16 matmul {info['bf16_matmul_gflops']:.0f} GFLOP/s, "
+          f"fp32 {info['fp32_matmul_gflops']:.0f} GFLOP/s", flush=True)
+    train_dir = os.path.join(out, "train")
+    if not os.path.exists(os.path.join(train_dir, "final", "config.json")):
+        resume = ["--resume"] if os.path.isdir(os.path.join(train_dir, "ckpt")) else []
+        run([py, "train.py", "--model", start, "--method", args.method, "--steps", str(args.steps),
+             *args.train_args.split(), "--rollout", args.rollout, "--save_every", "4", "--out_dir", train_dir, *resume],
+            os.path.join(out, "train.log"))
+    eval_dir = os.path.join(out, "eval")
+    if not os.path.exists(os.path.join(eval_dir, "report.json")):
+        # both models in one run, on the same problems and sampling seed: the difference is paired
+        run([py, "evaluate.py", "--model", start, "--model", os.path.join(train_dir, "final"),
+             "--n_problems", str(args.n_problems), "--k", str(args.k), "--max_new_tokens", str(args.max_new_tokens),
+             "--rollout", args.rollout, "--batch_problems", str(args.n_problems), "--no_entropy",
+             "--plot_train", os.path.join(train_dir, "metrics.jsonl"), "--out", eval_dir],
+            os.path.join(out, "eval.log"))
+    minutes = (time.time() - t0) / 60
+
+    with open(os.path.join(eval_dir, "report.json")) as f:
+        report = json.load(f)
+    start_label, trained_label = list(report["results"])
+    summary = make_summary(report, method=args.method, steps=args.steps, minutes=minutes, machine_info=info,
+                           start_label=start_label, trained_label=trained_label)
+    summary["warm_start"] = args.warm_start
+    check_summary(summary)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    lo, hi = summary["ci95"]
+    print(f"\nAvg@{args.k} on {summary['n_problems']} test problems: start {summary['start_avg']:.2f} -> "
+          f"{args.method} {summary['trained_avg']:.2f}; paired difference {summary['diff']:+.2f} points, "
+          f"95% CI [{lo:+.2f}, {hi:+.2f}]" + (" (includes 0)" if lo <= 0 <= hi else "")
+          + f"\n{minutes:.1f} min after set-up; {out}/summary.json")
+
+
+if __name__ == "__main__":
+    main()

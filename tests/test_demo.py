@@ -1,0 +1,69 @@
+"""experiments/demo.py: the summary.json it writes (format, consistency with evaluate.py's report)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import demo  # noqa: E402
+import evaluate  # noqa: E402
+
+MACHINE = {"cpu": "some CPU", "cores": 2, "bf16_matmul_gflops": 390.0, "fp32_matmul_gflops": 176.0, "gpu": None}
+
+
+def fake_report(start, trained, k=4):
+    """A report.json as evaluate.py writes it for two models, from per-problem correct counts out of k."""
+    def result(counts):
+        acc = [c / k for c in counts]
+        return {"embedded:test": {"avg_at_k": 100 * sum(acc) / len(acc), "pass_at_k": {"1": 100 * sum(acc) / len(acc)},
+                                  "accuracy_per_problem": acc}}
+
+    results = {"warmstart": result(start), "final": result(trained)}
+    return {"config": {"k": k}, "results": results, "paired": evaluate.paired_differences(results)}
+
+
+def test_summary_from_a_report_has_the_fields_and_consistent_numbers():
+    start, trained = [0, 1, 2, 4, 0, 3] * 10, [1, 1, 3, 4, 2, 3] * 10
+    s = demo.make_summary(fake_report(start, trained), method="sft", steps=8, minutes=12.34, machine_info=MACHINE,
+                          start_label="warmstart", trained_label="final")
+    demo.check_summary(s)
+    assert set(demo.SUMMARY_KEYS) <= set(s)
+    # independent: the means of the counts, in percent
+    assert s["start_avg"] == pytest.approx(100 * sum(start) / (4 * 60))
+    assert s["trained_avg"] == pytest.approx(100 * sum(trained) / (4 * 60))
+    assert s["diff"] == pytest.approx(100 * (sum(trained) - sum(start)) / (4 * 60))
+    assert s["n_problems"] == 60 and s["k"] == 4 and s["method"] == "sft"
+    assert s["ci95"][0] > 0  # trained >= start on every problem and better on half of them
+    json.dumps(s)  # serializable as written
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("ci95", [3.0, 1.0], "ci95"),
+    ("diff", 99.0, "diff"),
+    ("start_avg", 140.0, "percentage"),
+    ("n_problems", 0, "n_problems"),
+    ("machine", {"cpu": "x"}, "machine"),
+])
+def test_check_summary_names_the_bad_field(field, value, message):
+    s = demo.make_summary(fake_report([0, 1, 2, 3], [1, 2, 3, 4]), method="sft", steps=1, minutes=1.0,
+                          machine_info=MACHINE, start_label="warmstart", trained_label="final")
+    s[field] = value
+    with pytest.raises(ValueError, match=message):
+        demo.check_summary(s)
+    del s[field]
+    with pytest.raises(ValueError, match=f"missing field '{field}'"):
+        demo.check_summary(s)
+
+
+def test_committed_demo_summary_is_well_formed():
+    path = os.path.join(ROOT, "results", "demo", "summary.json")
+    if not os.path.exists(path):
+        pytest.skip("no results/demo/summary.json committed")
+    with open(path) as f:
+        s = json.load(f)
+    demo.check_summary(s)
+    assert s["n_problems"] >= 200
