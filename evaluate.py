@@ -559,7 +559,7 @@ def plot_pass_at_k(results, path):
 
 
 # the keys train.py logs (README, "Logged metrics") that a person compares runs by
-TRAIN_KEYS = ("loss/total", "loss/pull", "loss/push", "entropy/student", "kl/teacher_student",
+TRAIN_KEYS = ("loss/total", "loss/pull", "loss/push", "entropy/student", "entropy/teacher", "kl/teacher_student",
               "dasd/frac_pushed", "exposure/alpha_used", "teacher/answer_logprob", "rollout/accuracy")
 
 

@@ -231,9 +231,10 @@ def _loss_logprobs(student_logits, teacher_logits, temperature, topk):
 
 @torch.no_grad()  # diagnostics only: never part of the gradient
 def _log_metrics(logp_s, logp_t, mask):
-    """Token means of the student's entropy and of the unclipped forward KL(p_T || p_S)."""
+    """Token means of the student's and the teacher's entropy and of the unclipped forward KL(p_T || p_S)."""
     return {
         "entropy/student": masked_token_mean(entropy_from_logprobs(logp_s), mask),
+        "entropy/teacher": masked_token_mean(entropy_from_logprobs(logp_t), mask),
         "kl/teacher_student": masked_token_mean(divergence_from_logprobs(logp_s, logp_t, beta=0.0), mask),
     }
 
@@ -522,7 +523,7 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
         return work_bufs[name][:R]
 
     h_all = student_hidden.detach().reshape(B * T, H)  # (B*T, H) detached: we compute the gradient ourselves
-    names = ["entropy/student", "kl/teacher_student"]
+    names = ["entropy/student", "entropy/teacher", "kl/teacher_student"]
     if method == "dasd":
         names += ["dasd/gate_mean", "dasd/frac_pushed", "loss/pull", "loss/push"]
     sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in names}  # running sums over tokens
@@ -599,6 +600,7 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
                 kl_free = beta == 0.0 and r0 < n_pull and topk is None  # from _divergence_and_w, full-vocab KL
                 if method == "opsd":
                     add("entropy/student", -_rowdot(p_s, logp_s, tmp))
+                add("entropy/teacher", -_rowdot(p_t, logp_t, tmp))
                 if not kl_free:
                     add("kl/teacher_student", _rowdot(p_t, logp_t, tmp) - _rowdot(p_t, logp_s, tmp))
                 if topk is not None:

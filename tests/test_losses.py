@@ -224,6 +224,8 @@ def test_opsd_loss_is_token_mean_over_valid_tokens():
     assert abs(loss.item() - expected) < 1e-6
     ent = [brute_entropy(zs[b, t].tolist()) for b in range(2) for t in range(5) if mask[b, t]]
     assert abs(m["entropy/student"].item() - sum(ent) / 8) < 1e-5
+    ent_t = [brute_entropy(zt[b, t].tolist()) for b in range(2) for t in range(5) if mask[b, t]]
+    assert abs(m["entropy/teacher"].item() - sum(ent_t) / 8) < 1e-5
 
 
 def test_all_masked_and_one_valid_token():
@@ -583,6 +585,8 @@ def test_topk_brute_force(k, beta, clip):
     full_kl = [kl(softmax(zt[b, t].tolist(), temp), softmax(zs[b, t].tolist(), temp)) for (b, t) in expected]
     assert abs(m["entropy/student"].item() - sum(ent) / len(ent)) < 1e-10
     assert abs(m["kl/teacher_student"].item() - sum(full_kl) / len(full_kl)) < 1e-10
+    ent_t = [brute_entropy((zt[b, t] / temp).tolist()) for (b, t) in expected]
+    assert abs(m["entropy/teacher"].item() - sum(ent_t) / len(ent_t)) < 1e-10
 
 
 def test_topk_vocabulary_size_is_full_loss():
