@@ -139,7 +139,7 @@ def check_summary(s):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", default="sft", help="train.py --method (with its default exposure)")
+    ap.add_argument("--method", default="dasd", help="train.py --method, with its default exposure (dasd: ATESD)")
     ap.add_argument("--steps", type=int, default=8, help="training steps")
     ap.add_argument("--train_args", default="--prompts_per_step 16 --micro_batch 8 --lr 1e-5 --max_new_tokens 96",
                     help="further train.py flags")

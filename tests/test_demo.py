@@ -67,3 +67,21 @@ def test_committed_demo_summary_is_well_formed():
         s = json.load(f)
     demo.check_summary(s)
     assert s["n_problems"] >= 200
+
+
+@pytest.mark.e2e
+def test_warm_start_is_built_once_and_then_reused(tmp_path, monkeypatch, embedded_dir):
+    # the set-up path of `make demo` with a 1-step recipe: a model folder appears in the cache, the work folder is
+    # gone, and a second call returns the same folder without training again
+    monkeypatch.setattr(demo.modellib, "cache_root", lambda: str(tmp_path))
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    recipe = ["--method", "sft", "--steps", "1", "--prompts_per_step", "2", "--micro_batch", "2",
+              "--max_new_tokens", "8", "--dtype", "float32", "--rollout", "hf"]
+    out = demo.ensure_warm_start(sys.executable, recipe)
+    assert out == demo.warm_start_dir(recipe) and out.startswith(str(tmp_path))
+    assert os.path.exists(os.path.join(out, "config.json")) and os.path.exists(os.path.join(out, "model.safetensors"))
+    assert not os.path.exists(out + ".run")
+    stamp = os.path.getmtime(os.path.join(out, "config.json"))
+    assert demo.ensure_warm_start(sys.executable, recipe) == out
+    assert os.path.getmtime(os.path.join(out, "config.json")) == stamp
+    assert demo.warm_start_dir(recipe[:-2]) != out  # another recipe, another cache entry
