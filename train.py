@@ -875,8 +875,10 @@ def maybe_checkpoint(run, done):
         return
     if run.master or cfg.fsdp:
         model_sd = inference_state_dict(run.train_model)
-        # the adapter for --resume; unsharded, peft reads its own tensors
-        adapter_sd = full_state_dict(run.train_model) if cfg.lora_r and cfg.fsdp else None
+        # the adapter for --resume: under FSDP its A and B gathered (every rank joins); unsharded, peft reads its own
+        adapter_sd = None
+        if cfg.lora_r and cfg.fsdp:
+            adapter_sd = {n: lora.full(p.detach()).cpu() for n, p in lora.adapter_params(unwrap(run.student)).items()}
         opt_sd = optimizer_state_dict(cfg, run.train_model, run.opt)
     if run.master:
         save_checkpoint(cfg, done, model_sd, adapter_sd, opt_sd, run, run.ckpt_dir)
@@ -918,7 +920,8 @@ def inference_state_dict(student):
     each gather)."""
     module = unwrap(student)
     if lora.is_lora(module):
-        return {k: v.cpu() for k, v in lora.merged_weights(module)}
+        keep = is_rank0()  # every rank runs the generator (its gathers); only rank 0, which writes, keeps tensors
+        return {k: v.cpu() for k, v in lora.merged_weights(module) if keep}
     return full_state_dict(student)
 
 

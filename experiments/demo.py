@@ -155,6 +155,19 @@ def main(argv=None):
     py = sys.executable
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
+    # a run continues only with the settings it was started with: finished stages are reused, not redone
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings_path = os.path.join(out, "demo_args.json")
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            before = json.load(f)
+        if before != settings:
+            changed = sorted(k for k in settings if before.get(k) != settings[k])
+            raise SystemExit(f"demo: {out} holds a run with other settings ({', '.join(changed)}); "
+                             f"choose another --out or delete that folder")
+    else:
+        with open(settings_path, "w") as f:
+            json.dump(settings, f, indent=2)
     start = ensure_warm_start(py) if args.warm_start == "sft" else modellib.embedded_model_dir()
 
     t0 = time.time()
@@ -175,7 +188,7 @@ def main(argv=None):
              "--rollout", args.rollout, "--batch_problems", str(args.n_problems), "--no_entropy",
              "--plot_train", os.path.join(train_dir, "metrics.jsonl"), "--out", eval_dir],
             os.path.join(out, "eval.log"))
-    minutes = (time.time() - t0) / 60
+    minutes = (time.time() - t0) / 60  # of the stages this call ran (all of them in a run that was not interrupted)
 
     with open(os.path.join(eval_dir, "report.json")) as f:
         report = json.load(f)

@@ -42,8 +42,8 @@ def test_summary_from_a_report_has_the_fields_and_consistent_numbers():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("ci95", [3.0, 1.0], "ci95"),
-    ("diff", 99.0, "diff"),
+    ("ci95", [3.0, 1.0], "lo <= hi"),
+    ("diff", 99.0, "is not trained_avg - start_avg"),
     ("start_avg", 140.0, "percentage"),
     ("n_problems", 0, "n_problems"),
     ("machine", {"cpu": "x"}, "machine"),
@@ -85,3 +85,12 @@ def test_warm_start_is_built_once_and_then_reused(tmp_path, monkeypatch, embedde
     assert demo.ensure_warm_start(sys.executable, recipe) == out
     assert os.path.getmtime(os.path.join(out, "config.json")) == stamp
     assert demo.warm_start_dir(recipe[:-2]) != out  # another recipe, another cache entry
+
+
+def test_demo_refuses_to_continue_a_run_with_other_settings(tmp_path):
+    # finished stages are reused, so a folder started with other settings would mix two runs in one summary
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo_args.json").write_text(json.dumps({"method": "opsd", "steps": 8}))
+    with pytest.raises(SystemExit, match="other settings .*method"):
+        demo.main(["--out", str(out), "--method", "dasd"])
