@@ -600,9 +600,10 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
                 kl_free = beta == 0.0 and r0 < n_pull and topk is None  # from _divergence_and_w, full-vocab KL
                 if method == "opsd":
                     add("entropy/student", -_rowdot(p_s, logp_s, tmp))
-                add("entropy/teacher", -_rowdot(p_t, logp_t, tmp))
+                neg_ent_t = _rowdot(p_t, logp_t, tmp)  # (R,) sum_v p_T log p_T
+                add("entropy/teacher", -neg_ent_t)
                 if not kl_free:
-                    add("kl/teacher_student", _rowdot(p_t, logp_t, tmp) - _rowdot(p_t, logp_s, tmp))
+                    add("kl/teacher_student", neg_ent_t - _rowdot(p_t, logp_s, tmp))
                 if topk is not None:
                     # From here on the loss's support is the teacher's top-k (the metrics above saw all V): the
                     # names now hold (R, K) tensors, each side's logits gathered and renormalized over the k

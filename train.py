@@ -387,6 +387,7 @@ def setup(cfg):
         if not os.path.isdir(ckpt_dir):
             raise SystemExit(f"train.py: --resume but no checkpoint in {ckpt_dir}")
         resume_state = load_checkpoint(ckpt_dir)
+        check_resume_config(cfg, resume_state["config"], ckpt_dir)
     cfg.dtype = choose_dtype(cfg, device, ddp, resume_state)
     start_path = modellib.resolve(cfg.model)
     student, tok, teacher_model = load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir)
@@ -427,6 +428,19 @@ def setup(cfg):
             engine.sync_weights(student)
     return Run(cfg, ddp, rank, world, device, rows, tok, student, train_model, teacher_model, opt, sched, expo,
                engine, start_step, n_skipped, ckpt_dir)
+
+
+# the flags that define the trained network and its optimizer state: a resume must not change them
+RESUME_FIXED = ("model", "method", "teacher", "lora_r", "lora_alpha", "lora_targets")
+
+
+def check_resume_config(cfg, saved, ckpt_dir):
+    """Refuse --resume with a flag that the checkpoint was trained under another value of, naming both."""
+    diff = [f"--{k} {getattr(cfg, k)} (checkpoint: {saved[k]})" for k in RESUME_FIXED
+            if k in saved and saved[k] != getattr(cfg, k)]
+    if diff:
+        raise SystemExit(f"train.py: --resume from {ckpt_dir}: " + ", ".join(diff)
+                         + "; resume with the checkpoint's values, or start a new --out_dir")
 
 
 def choose_dtype(cfg, device, ddp, resume_state):

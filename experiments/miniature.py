@@ -1,9 +1,12 @@
 """A miniature reproduction: every method side by side on the embedded model and dataset.
 
-Each method trains SmolLM2-135M-Instruct under the same budget (steps, prompts per step, samples per
-prompt, max new tokens, learning rate) and is evaluated on the embedded test split, for several seeds:
+Each method trains the same start point under the same budget (steps, prompts per step, samples per
+prompt, max new tokens, learning rate, dtype) and is evaluated on the embedded test split, for several seeds.
+The start point is the demo's *format warm start* (README choice 13: SmolLM2-135M-Instruct after 30 SFT
+steps on training-split solutions, cached; Avg@4 ~39 on the test split), so that gains and losses both
+show; --model embedded starts from SmolLM2-135M-Instruct itself, which scores ~0.
 
-    base        no training (the starting point)
+    base        no training (the start point)
     sft         NLL of the reference solutions (no teacher, no rollouts needed)
     grpo        outcome reward, group-normalized advantages (no teacher)
     opsd        OPSD, full exposure: the teacher sees the whole reference solution
@@ -18,6 +21,15 @@ The learning rate is chosen once, for OPSD, on a validation slice held out of th
 of opsd_fixed is chosen the same way from --alpha_grid. Selection rule: highest validation Avg@k, then
 Pass@k, then the lowest no-answer rate (at this scale accuracy is often 0 for all candidates, and a
 model that writes a final answer is the precursor of one that writes the right one).
+
+Each method's Avg@k is compared problem by problem with the start point and with OPSD: the per-problem
+accuracy is averaged over a method's seeds, and evaluate.paired_bootstrap gives the mean difference and
+its 95% interval over problems (the "vs start" and "vs OPSD" columns). Pass@k is reported for k = 1, 2,
+4, ..., --k (16 by default).
+
+The validation slice holds training-split rows (never test rows); the warm start's SFT drew its 480
+solutions from the whole training split, so it may have seen some of them. That can only bias the
+learning-rate and exposure choices, not the test numbers.
 
 Everything runs through train.py and evaluate.py as subprocesses, one at a time (two CPU cores do
 not profit from two concurrent runs). Per run the layout is
@@ -36,7 +48,7 @@ Run (from the repository root):
     python experiments/miniature.py                          # all of it, in the foreground
     nohup python experiments/miniature.py > miniature.log 2>&1 &   # in the background; rerun to resume
     python experiments/miniature.py --report_only            # tables and figures from finished runs
-    python experiments/miniature.py --seeds 0 1 2 --out results/miniature3   # a third seed, elsewhere
+    python experiments/miniature.py --seeds 0 1 2 3          # a fourth seed into the same folder
 Output: <out>/summary.json, table.md, pass_at_k.png, train_curves.png, lr_selection.json,
 alpha_selection.json.
 """
@@ -54,6 +66,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+import demo  # noqa: E402  (experiments/demo.py: the cached format warm start)
 import evaluate  # noqa: E402
 
 # method -> the train.py flags that make it (everything else is the shared budget)
@@ -71,8 +84,10 @@ ORDER = ["base"] + list(METHODS)
 # one colour and line style per method, the same in every panel and figure
 STYLE = {m: {"color": f"C{i}", "linestyle": "--" if "atesd" in m or m == "base" else "-"} for i, m in enumerate(ORDER)}
 # training curves drawn per method (mean over seeds)
-CURVES = ("loss/total", "entropy/student", "kl/teacher_student", "dasd/frac_pushed", "exposure/alpha_used",
+CURVES = ("loss/total", "entropy/student", "entropy/teacher", "kl/teacher_student", "dasd/frac_pushed", "exposure/alpha_used",
           "rollout/response_len")
+# each method's Avg@k is compared, problem by problem, with these (mean over seeds per problem)
+PAIRED_AGAINST = ("base", "opsd")
 HEALTH = ("length", "truncation_rate", "no_box_rate", "no_answer_rate", "entropy", "revisions_per_1k_tokens",
           "rep4")
 
@@ -80,9 +95,17 @@ HEALTH = ("length", "truncation_rate", "no_box_rate", "no_answer_rate", "entropy
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = ap.add_argument_group("budget (the same for every method)")
+    g.add_argument("--model", default="warmstart",
+                   help="start point of every run and the 'base' row: 'warmstart' (the demo's cached format warm "
+                        "start, built once; README choice 13), 'embedded' (SmolLM2-135M-Instruct itself), or a "
+                        "model folder")
+    g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                   help="one dtype for every run of the folder, whatever the CPU at hand prefers (--dtype auto "
+                        "would measure per run and could differ between machines)")
     g.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
-    g.add_argument("--prompts_per_step", type=int, default=4)
+    g.add_argument("--prompts_per_step", type=int, default=8)
     g.add_argument("--samples_per_prompt", type=int, default=2, help="rollouts per prompt (GRPO needs >= 2)")
+    g.add_argument("--micro_batch", type=int, default=8, help="sequences per forward/backward")
     g.add_argument("--max_new_tokens", type=int, default=96, help="rollout length cap in training")
     g.add_argument("--lr", type=float, default=None, help="skip the OPSD learning-rate search and use this")
     g.add_argument("--lr_grid", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4],
@@ -97,16 +120,16 @@ def build_parser():
                         "completes a few REINFORCE updates")
     g.add_argument("--save_every", type=int, default=4, help="checkpoint period (resume granularity)")
     e = ap.add_argument_group("evaluation")
-    e.add_argument("--n_problems", type=int, default=30, help="first N embedded test problems (levels 1-3 interleaved)")
+    e.add_argument("--n_problems", type=int, default=100, help="first N embedded test problems (levels 1-3 interleaved)")
     e.add_argument("--n_val", type=int, default=30, help="validation problems held out of the training data")
-    e.add_argument("--k", type=int, default=4, help="samples per problem")
-    e.add_argument("--eval_max_new_tokens", type=int, default=128)
+    e.add_argument("--k", type=int, default=16, help="samples per problem (Pass@k is reported up to this k)")
+    e.add_argument("--eval_max_new_tokens", type=int, default=96)
     e.add_argument("--eval_rollout", default="vllm", choices=["hf", "vllm"],
                    help="generation backend of evaluate.py (vLLM batches the 120 sequences better)")
     r = ap.add_argument_group("runs")
     r.add_argument("--methods", nargs="+", default=ORDER, choices=ORDER)
-    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    r.add_argument("--out", default="results/miniature")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--out", default="results/miniature_testbed")
     r.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: all cores)")
     r.add_argument("--keep_models", action="store_true", help="keep final/ and ckpt/ after evaluation")
     r.add_argument("--report_only", action="store_true", help="only rebuild the report from finished runs")
@@ -127,9 +150,18 @@ def write_json(path, obj):
 
 def budget(args):
     """The settings that make results comparable; a folder holds results of one budget only."""
-    keys = ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "lr", "lr_grid", "fixed_alpha",
-            "alpha_grid", "atesd", "n_problems", "n_val", "k", "eval_max_new_tokens", "eval_rollout")
-    return {k: getattr(args, k) for k in keys}
+    keys = ("model", "dtype", "steps", "prompts_per_step", "samples_per_prompt", "micro_batch", "max_new_tokens",
+            "lr", "lr_grid", "fixed_alpha", "alpha_grid", "atesd", "n_problems", "n_val", "k", "eval_max_new_tokens",
+            "eval_rollout")
+    out = {k: getattr(args, k) for k in keys}
+    if args.model == "warmstart":  # another recipe is another start point
+        out["warm_start_recipe"] = demo.WARM_START
+    return out
+
+
+def start_model(args):
+    """The model folder (or 'embedded') every run starts from and the 'base' row evaluates."""
+    return demo.warm_start_dir() if args.model == "warmstart" else args.model
 
 
 def check_budget(args):
@@ -191,10 +223,11 @@ def run_logged(cmd, log_path, env):
 
 
 def train_cmd(args, method, seed, lr, train_data, out_dir, alpha=None):
-    cmd = [sys.executable, "train.py", *METHODS[method],
+    cmd = [sys.executable, "train.py", *METHODS[method], "--model", start_model(args), "--dtype", args.dtype,
            "--data", train_data, "--seed", str(seed), "--lr", str(lr),
            "--steps", str(args.steps), "--prompts_per_step", str(args.prompts_per_step),
-           "--samples_per_prompt", str(args.samples_per_prompt), "--max_new_tokens", str(args.max_new_tokens),
+           "--samples_per_prompt", str(args.samples_per_prompt), "--micro_batch", str(args.micro_batch),
+           "--max_new_tokens", str(args.max_new_tokens),
            "--save_every", str(args.save_every), "--out_dir", out_dir, "--rollout", "auto"]  # vLLM where installed
     if method == "opsd_fixed":
         cmd += ["--alpha", str(args.fixed_alpha if alpha is None else alpha)]
@@ -207,7 +240,8 @@ def train_cmd(args, method, seed, lr, train_data, out_dir, alpha=None):
 
 
 def eval_cmd(args, model_path, seed, bench, out_dir, n_problems):
-    return [sys.executable, "evaluate.py", "--model", model_path, "--data", bench, "--seed", str(seed),
+    return [sys.executable, "evaluate.py", "--model", model_path, "--dtype", args.dtype, "--data", bench,
+            "--seed", str(seed),
             "--k", str(args.k), "--n_problems", str(n_problems), "--max_new_tokens", str(args.eval_max_new_tokens),
             "--rollout", args.eval_rollout, "--batch_problems", str(n_problems), "--out", out_dir]
 
@@ -219,7 +253,7 @@ def run_unit(args, unit, method, seed, lr, train_data, bench, n_problems, env, a
     if os.path.exists(report):
         return report
     os.makedirs(folder, exist_ok=True)
-    model_path = "embedded"
+    model_path = start_model(args)
     if method != "base":
         tdir = os.path.join(folder, "train")
         final = os.path.join(tdir, "final")
@@ -338,8 +372,30 @@ def summarize(args):
             if steps:
                 curves[key] = {"steps": steps, "mean": [sum(c[t] for c in per) / len(per) for t in steps]}
         entry["curves"] = curves
+        entry["per_problem"] = per_problem([res[s] for s in seeds])
         summary["methods"][m] = entry
+    for m, entry in summary["methods"].items():
+        entry["paired"] = {}
+        for ref in PAIRED_AGAINST:
+            if ref != m and ref in summary["methods"]:
+                entry["paired"][ref] = paired(summary["methods"][ref]["per_problem"], entry["per_problem"])
     return summary
+
+
+def per_problem(results):
+    """(P,) accuracy per problem, averaged over the seeds' reports (each c_i / k); None if a report lacks it."""
+    rows = [r.get("accuracy_per_problem") for r in results]
+    if any(r is None for r in rows) or len({len(r) for r in rows}) != 1:
+        return None
+    return [sum(col) / len(col) for col in zip(*rows)]
+
+
+def paired(ref, new):
+    """Paired Avg@k difference new - ref over problems (percentage points) with its 95% bootstrap interval."""
+    if ref is None or new is None or len(ref) != len(new):
+        return None
+    diff, (lo, hi) = evaluate.paired_bootstrap(ref, new)
+    return {"diff": 100 * diff, "ci95": [100 * lo, 100 * hi], "n_problems": len(new)}
 
 
 def fmt(m, sd, scale=1.0, digits=1):
@@ -348,14 +404,19 @@ def fmt(m, sd, scale=1.0, digits=1):
     return f"{m * scale:.{digits}f} ± {sd * scale:.{digits}f}"
 
 
+def fmt_paired(p):
+    return "-" if p is None else f"{p['diff']:+.1f} [{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}]"
+
+
 def table(summary, k):
-    head = (f"| method | seeds | Avg@{k} | Pass@1 | Pass@{k} | maj@{k} | length | truncated % | no answer % | "
-            f"entropy | revisions /1k | rep-4 |")
+    head = (f"| method | seeds | Avg@{k} | vs start [95% CI] | vs OPSD [95% CI] | Pass@1 | Pass@{k} | maj@{k} | "
+            f"length | truncated % | no answer % | entropy | revisions /1k | rep-4 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m, e in summary["methods"].items():
         mu, sd = e["mean"], e["sd"]
         lines.append("| " + " | ".join([
-            m, str(len(e["seeds"])), fmt(mu["avg_at_k"], sd["avg_at_k"]), fmt(mu["pass@1"], sd["pass@1"]),
+            m, str(len(e["seeds"])), fmt(mu["avg_at_k"], sd["avg_at_k"]),
+            *[fmt_paired(e["paired"].get(ref)) for ref in PAIRED_AGAINST], fmt(mu["pass@1"], sd["pass@1"]),
             fmt(mu[f"pass@{k}"], sd[f"pass@{k}"]), fmt(mu["maj_at_k"], sd["maj_at_k"]),
             fmt(mu["length"], sd["length"], digits=0), fmt(mu["truncation_rate"], sd["truncation_rate"], 100),
             fmt(mu["no_answer_rate"], sd["no_answer_rate"], 100), fmt(mu["entropy"], sd["entropy"], digits=2),
@@ -455,6 +516,8 @@ def main(argv=None):
         write_report(args)
         return
     train_data, val_data = prepare_data(args)
+    if args.model == "warmstart":
+        demo.ensure_warm_start(sys.executable)  # built once into the cache (resumable), then reused
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)

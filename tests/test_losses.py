@@ -477,19 +477,24 @@ def plain_and_chunked(method, dtype, chunk_size, math_rows=16, V=13, **kw):
     return (loss_p, m_p, g_p), (loss_c, m_c, g_c)
 
 
+def assert_same_loss_grads_metrics(plain, chunked):
+    """float64: the chunked loss and gradients equal the plain path's to rounding, the metrics to 1e-5."""
+    (lp, mp, gp), (lc, mc, gc) = plain, chunked
+    torch.testing.assert_close(lc, lp, rtol=1e-12, atol=1e-12)
+    for a, b in zip(gc, gp):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert set(mc) == set(mp)
+    for name in mp:
+        torch.testing.assert_close(mc[name].double(), mp[name].double(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["opsd", "dasd"])
 @pytest.mark.parametrize("chunk_size,math_rows", [(1, 1), (3, 2), (4, 16), (64, 5)])
 def test_chunked_equals_plain_float64(method, chunk_size, math_rows):
     kw = dict(beta=0.0, clip=0.05, temperature=1.1)
     if method == "dasd":
         kw.update(push_fraction=0.3, soft=True, push_weight=0.8, push_margin=0.1)
-    (lp, mp, gp), (lc, mc, gc) = plain_and_chunked(method, torch.float64, chunk_size, math_rows, **kw)
-    torch.testing.assert_close(lc, lp, rtol=1e-12, atol=1e-12)
-    for a, b in zip(gc, gp):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert set(mc) == set(mp)
-    for k in mp:
-        torch.testing.assert_close(mc[k].double(), mp[k].double(), rtol=1e-5, atol=1e-6)
+    assert_same_loss_grads_metrics(*plain_and_chunked(method, torch.float64, chunk_size, math_rows, **kw))
 
 
 @pytest.mark.parametrize("method", ["opsd", "dasd"])
@@ -618,13 +623,7 @@ def test_chunked_topk_equals_plain_float64(method, k):
         kw = dict(beta=beta, clip=0.05, temperature=1.1, topk=k)
         if method == "dasd":
             kw.update(push_fraction=0.3, soft=True, push_weight=0.8, push_margin=0.3)
-        (lp, mp, gp), (lc, mc, gc) = plain_and_chunked(method, torch.float64, 3, 2, V=6, **kw)
-        torch.testing.assert_close(lc, lp, rtol=1e-12, atol=1e-12)
-        for a, b in zip(gc, gp):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-        assert set(mc) == set(mp)
-        for name in mp:
-            torch.testing.assert_close(mc[name].double(), mp[name].double(), rtol=1e-5, atol=1e-6)
+        assert_same_loss_grads_metrics(*plain_and_chunked(method, torch.float64, 3, 2, V=6, **kw))
     # the top-k path is really taken: the gradient of a student logit off the support is 0 (all of it for k = 1,
     # where both sides are the same one-entry distribution)
     h_s, W_s, h_t, W_t, mask = chunk_setup(torch.float64, V=6)

@@ -38,6 +38,8 @@ def test_every_method_command_is_valid_train_config(tmp_path, method):
                 "opsd_fixed": ("opsd", "fixed"), "dasd": ("dasd", "full"), "dasd_adv": ("dasd_adv", "full"),
                 "atesd": ("opsd", "atesd"), "dasd_atesd": ("dasd", "atesd")}[method]
     assert (cfg.method, cfg.exposure) == expected
+    # every run starts from the same model in the same dtype: the cached warm start unless --model says otherwise
+    assert (cfg.model, cfg.dtype, cfg.micro_batch) == (miniature.demo.warm_start_dir(), "bfloat16", args.micro_batch)
     if method == "opsd_fixed":
         assert cfg.alpha == 0.25
     if cfg.exposure == "atesd":
@@ -74,11 +76,13 @@ def test_validation_slice_is_disjoint_and_mixed(tmp_path):
         miniature.prepare_data(args)
 
 
-def fake_report(path, avg, pass_k, no_answer, length):
+def fake_report(path, avg, pass_k, no_answer, length, per_problem=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     res = {"avg_at_k": avg, "maj_at_k": avg, "pass_at_k": {"1": avg, "2": pass_k},
            "health": {"length": {"mean": length}, "truncation_rate": 0.5, "no_box_rate": 0.9,
                       "no_answer_rate": no_answer, "entropy": 1.5, "revisions_per_1k_tokens": 0.1, "rep4": 0.05}}
+    if per_problem is not None:
+        res["accuracy_per_problem"] = per_problem
     with open(path, "w") as f:
         json.dump({"results": {"m": {"embedded:test": res}}}, f)
 
@@ -142,3 +146,36 @@ def test_selection_rule_and_ties(tmp_path):
     assert miniature.select(args, "lr", [1, 2, 3], "x{}", run, out, lambda _: None) == 1
     reports.update({1: (0.0, 0.0, 0.5), 2: (0.0, 0.0, 0.5), 3: (0.0, 0.0, 0.5)})
     assert miniature.select(args, "lr", [3, 1, 2], "x{}", run, out, lambda _: None) == 3
+
+
+def test_paired_comparisons_average_seeds_per_problem(tmp_path):
+    """vs start / vs OPSD: per-problem accuracy averaged over each method's seeds, then the paired bootstrap."""
+    import numpy as np
+
+    import evaluate
+
+    args = args_for(tmp_path, "--k", "2")
+    runs = os.path.join(args.out, "runs")
+    rows = {("base", 0): [0.0, 0.5, 1.0, 0.5], ("base", 1): [0.5, 0.5, 1.0, 0.0],
+            ("opsd", 0): [0.5, 0.5, 0.5, 0.5], ("grpo", 0): [1.0, 1.0, 1.0, 0.5], ("grpo", 1): [0.5, 1.0, 1.0, 1.0],
+            ("grpo", 2): [1.0, 0.5, 1.0, 1.0]}
+    for (m, seed), acc in rows.items():
+        fake_report(os.path.join(runs, m, f"seed{seed}", "eval", "report.json"), 0.0, 0.0, 0.0, 50, per_problem=acc)
+    fake_report(os.path.join(runs, "sft", "seed0", "eval", "report.json"), 0.0, 0.0, 0.0, 50)  # an old report
+    os.makedirs(args.out, exist_ok=True)
+    summary = miniature.write_report(args)
+    base = np.mean([rows["base", 0], rows["base", 1]], axis=0)  # per problem
+    grpo = np.mean([rows["grpo", seed] for seed in range(3)], axis=0)
+    opsd = np.array(rows["opsd", 0])
+    p = summary["methods"]["grpo"]["paired"]
+    assert p["base"]["diff"] == pytest.approx(100 * (grpo - base).mean())  # +37.5 points by hand
+    assert p["base"]["diff"] == pytest.approx(37.5)
+    assert p["opsd"]["diff"] == pytest.approx(100 * (grpo - opsd).mean())
+    _, (lo, hi) = evaluate.paired_bootstrap(list(base), list(grpo))
+    assert p["base"]["ci95"] == pytest.approx([100 * lo, 100 * hi]) and lo <= (grpo - base).mean() <= hi
+    assert p["base"]["n_problems"] == 4
+    assert "base" not in summary["methods"]["base"]["paired"] and list(summary["methods"]["opsd"]["paired"]) == ["base"]
+    assert summary["methods"]["sft"]["paired"] == {"base": None, "opsd": None}  # no per-problem accuracy: no pairing
+    table = open(os.path.join(args.out, "table.md")).read()
+    line = next(x for x in table.splitlines() if x.startswith("| grpo |"))
+    assert f"{p['base']['diff']:+.1f} [{p['base']['ci95'][0]:+.1f}, {p['base']['ci95'][1]:+.1f}]" in line

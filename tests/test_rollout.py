@@ -223,6 +223,25 @@ def chat(tok, text):
                                    return_dict=True)["input_ids"]
 
 
+def transformers_logp(model, seq):
+    """(L+T-1,) log p(seq[t] | seq[:t]) for t >= 1, by a plain transformers forward."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([seq])).logits[0].float()  # (L+T, V)
+    return torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(seq[1:])[:, None]).squeeze(1)
+
+
+def gap_before_and_after_sync(engine, seq, trained):
+    """max |log p_vLLM - log p_transformers(trained)| over seq, before and after engine.sync_weights of the model
+    wrapped like DDP wraps it (sync_weights must unwrap `.module`)."""
+    ddp_like = torch.nn.Module()
+    ddp_like.module = trained
+    want = transformers_logp(trained, seq)
+    stale = (torch.tensor(engine.prompt_logprobs(seq)) - want).abs().max().item()
+    engine.sync_weights(ddp_like)
+    synced = (torch.tensor(engine.prompt_logprobs(seq)) - want).abs().max().item()
+    return stale, synced
+
+
 @pytest.mark.vllm
 def test_vllm_weights_synced_match_transformers(policy, vllm_engine):
     """The on-policy test: after one training step and sync_weights, vLLM scores tokens like transformers.
@@ -237,13 +256,8 @@ def test_vllm_weights_synced_match_transformers(policy, vllm_engine):
     response = tok("12 + 30 = 42. The answer is \\boxed{42}.<|im_end|>", add_special_tokens=False)["input_ids"]
     seq = prompt + response
 
-    def transformers_logp(model):  # (L+T-1,) log p(seq[t] | seq[:t]) for t >= 1
-        with torch.no_grad():
-            logits = model(torch.tensor([seq])).logits[0].float()  # (L+T, V)
-        return torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(seq[1:])[:, None]).squeeze(1)
-
     # the engine starts from the same checkpoint
-    assert (torch.tensor(vllm_engine.prompt_logprobs(seq)) - transformers_logp(m)).abs().max() < 1e-3
+    assert (torch.tensor(vllm_engine.prompt_logprobs(seq)) - transformers_logp(m, seq)).abs().max() < 1e-3
 
     # one AdamW step on the response's negative log-likelihood (a real training step; it moves every
     # weight, the tied embedding / output layer included), on a copy wrapped like DDP wraps a model
@@ -257,20 +271,14 @@ def test_vllm_weights_synced_match_transformers(policy, vllm_engine):
     trained.eval()
     embed_moved = (trained.model.embed_tokens.weight - m.model.embed_tokens.weight).abs().max()
     assert embed_moved > 0 and trained.lm_head.weight is trained.model.embed_tokens.weight
-    ddp_like = torch.nn.Module()
-    ddp_like.module = trained  # sync_weights must unwrap `.module`
-
-    want = transformers_logp(trained)
-    stale = (torch.tensor(vllm_engine.prompt_logprobs(seq)) - want).abs().max().item()
-    vllm_engine.sync_weights(ddp_like)
-    synced = (torch.tensor(vllm_engine.prompt_logprobs(seq)) - want).abs().max().item()
+    stale, synced = gap_before_and_after_sync(vllm_engine, seq, trained)
     print(f"max |logp_vllm - logp_transformers|: before sync {stale:.3g}, after sync {synced:.3g}")
     assert stale > 0.05  # before the sync the engine samples from the old policy
     assert synced < 1e-3  # after it, from exactly the trained one
 
     # and back: other tests in this module use the original weights
     vllm_engine.sync_weights(m)
-    assert (torch.tensor(vllm_engine.prompt_logprobs(seq)) - transformers_logp(m)).abs().max() < 1e-3
+    assert (torch.tensor(vllm_engine.prompt_logprobs(seq)) - transformers_logp(m, seq)).abs().max() < 1e-3
 
 
 @pytest.mark.vllm
@@ -284,11 +292,6 @@ def test_vllm_lora_weights_synced_match_transformers(policy, vllm_engine):
     seq = chat(tok, "What is 12 + 30?") + tok("12 + 30 = 42. The answer is \\boxed{42}.<|im_end|>",
                                               add_special_tokens=False)["input_ids"]
 
-    def transformers_logp(model):  # (L+T-1,) log p(seq[t] | seq[:t]) for t >= 1
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([seq])).logits[0].float()  # (L+T, V)
-        return torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(seq[1:])[:, None]).squeeze(1)
-
     # an adapter as if trained: peft starts B at 0 (a no-op); a random B moves every adapted projection
     student = lora.add_lora(copy.deepcopy(m), r=8, alpha=16)
     g = torch.Generator().manual_seed(0)
@@ -296,13 +299,7 @@ def test_vllm_lora_weights_synced_match_transformers(policy, vllm_engine):
         for name, p in lora.adapter_params(student).items():
             if ".lora_B." in name:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
-    ddp_like = torch.nn.Module()
-    ddp_like.module = student  # sync_weights must unwrap `.module`, then peft
-
-    want = transformers_logp(student)
-    stale = (torch.tensor(vllm_engine.prompt_logprobs(seq)) - want).abs().max().item()
-    vllm_engine.sync_weights(ddp_like)
-    synced = (torch.tensor(vllm_engine.prompt_logprobs(seq)) - want).abs().max().item()
+    stale, synced = gap_before_and_after_sync(vllm_engine, seq, student)  # unwraps `.module`, then peft
     print(f"LoRA: max |logp_vllm - logp_transformers|: before sync {stale:.3g}, after sync {synced:.3g}")
     assert stale > 0.05  # before the sync the engine samples from the base model
     assert synced < 1e-3  # after it, from the adapted one
@@ -315,7 +312,7 @@ def test_vllm_lora_weights_synced_match_transformers(policy, vllm_engine):
             assert torch.equal(p, base[name.replace(".base_layer", "")]), name
 
     vllm_engine.sync_weights(m)  # back: other tests in this module use the original weights
-    assert (torch.tensor(vllm_engine.prompt_logprobs(seq)) - transformers_logp(m)).abs().max() < 1e-3
+    assert (torch.tensor(vllm_engine.prompt_logprobs(seq)) - transformers_logp(m, seq)).abs().max() < 1e-3
 
 
 @pytest.mark.vllm

@@ -224,17 +224,21 @@ def test_ddp_two_processes_equal_one_process_lora(tmp_path, embedded_dir):
             torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6)
 
 
+def uninterrupted_and_resumed(tmp_path, args, *, killed_after):
+    """train.py run once straight through (tmp_path/ref) and once killed with SIGKILL at its first checkpoint
+    (which must be step killed_after) and resumed (tmp_path/cut). Returns (ref metrics, resumed metrics, cut dir)."""
+    run_train(tmp_path / "ref", *args)
+    out = tmp_path / "cut"
+    assert sigkill_at_first_checkpoint(out, args) == killed_after
+    run_train(out, *args, "--resume")
+    return read_metrics(tmp_path / "ref"), read_metrics(out), out
+
+
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, embedded_dir):
     args = ["--method", "dasd", "--exposure", "atesd", "--steps", "4", "--save_every", "2",
             "--prompts_per_step", "2", "--max_new_tokens", "12", "--dtype", "float32", "--hold", "1",
             "--lookahead", "1", "--batch_decisions", "2"]
-    run_train(tmp_path / "ref", *args)
-    ref = read_metrics(tmp_path / "ref")
-
-    out = tmp_path / "cut"
-    assert sigkill_at_first_checkpoint(out, args) == 2
-    run_train(out, *args, "--resume")
-    got = read_metrics(out)
+    ref, got, _ = uninterrupted_and_resumed(tmp_path, args, killed_after=2)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for r_ref, r_got in zip(ref, got):  # steps 1-2 (kept from before the kill) and 3-4 (after the resume)
         for k in ("loss/total", "exposure/alpha_used", "rollout/accuracy", "rollout/response_len"):
@@ -249,12 +253,7 @@ def test_lora_sigkill_then_resume_matches_uninterrupted_and_final_is_merged(tmp_
     args = ["--method", "opsd", "--exposure", "full", "--teacher", "ema", "--ema_decay", "0.5",
             "--lora_r", str(rank), "--lr", "1e-3", "--steps", "2", "--save_every", "1",
             "--prompts_per_step", "2", "--max_new_tokens", "12", "--dtype", "float32"]
-    run_train(tmp_path / "ref", *args)
-    ref = read_metrics(tmp_path / "ref")
-    out = tmp_path / "cut"
-    assert sigkill_at_first_checkpoint(out, args) == 1
-    run_train(out, *args, "--resume")
-    got = read_metrics(out)
+    ref, got, out = uninterrupted_and_resumed(tmp_path, args, killed_after=1)
     assert [r["step"] for r in got] == [1, 2]
     for k in ("loss/total", "kl/teacher_student", "entropy/student", "rollout/response_len", "train/grad_norm"):
         assert ref[1][k] == pytest.approx(got[1][k], rel=1e-5, abs=1e-6), (k, ref[1][k], got[1][k])
@@ -364,3 +363,23 @@ def test_dtype_auto_takes_the_faster_matmul_and_a_resume_keeps_its_dtype(monkeyp
     assert train.choose_dtype(cfg, torch.device("cpu"), False, {"config": {"dtype": "bfloat16"}}) == "bfloat16"
     cfg = train.parse_config(["--dtype", "bfloat16"])
     assert train.choose_dtype(cfg, torch.device("cpu"), False, None) == "bfloat16"
+
+
+def test_resume_refuses_a_flag_that_changes_the_trained_network(tmp_path):
+    import dataclasses
+
+    import train
+
+    first = train.parse_config(["--lora_r", "16", "--method", "opsd"])
+    train.check_config(first)  # what the checkpoint's config.json records (lora_alpha resolved to 2r)
+    saved = dataclasses.asdict(first)
+    same = train.parse_config(["--lora_r", "16", "--method", "opsd", "--steps", "9"])  # a longer run: fine
+    train.check_config(same)
+    train.check_resume_config(same, saved, str(tmp_path))
+    other = train.parse_config(["--lora_r", "8", "--method", "dasd"])
+    train.check_config(other)
+    with pytest.raises(SystemExit) as e:
+        train.check_resume_config(other, saved, str(tmp_path))
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "--method dasd (checkpoint: opsd)" in msg
+    assert "--lora_r 8 (checkpoint: 16)" in msg and "--lora_alpha 16.0 (checkpoint: 32.0)" in msg
