@@ -1,8 +1,9 @@
 """Paired Avg@k difference of evaluation reports against the first, over their common first problems.
 
-    python results/testbed_probe/paired.py START_report.json A_report.json [B_report.json ...]
+    python results/testbed_probe/paired.py START_report.json[:i] A_report.json [B_report.json ...]
 
-Each file is an evaluate.py report.json of one model on embedded:test (the last model in it is used); the
+Each file is an evaluate.py report.json on embedded:test; the last model in it is used, or the i-th (from 0)
+when the name ends in :i (results/demo/report.json:0 is the demo's start point on 200 problems); the
 interval is evaluate.paired_bootstrap's (10,000 resamples of problems, seed 0), in percentage points.
 """
 
@@ -16,9 +17,10 @@ import evaluate  # noqa: E402
 
 
 def per_problem(path):
+    path, _, i = path.partition(":")
     with open(path) as f:
         results = json.load(f)["results"]
-    return results[list(results)[-1]]["embedded:test"]["accuracy_per_problem"]  # (P,) c_i / k
+    return results[list(results)[int(i) if i else -1]]["embedded:test"]["accuracy_per_problem"]  # (P,) c_i / k
 
 
 if __name__ == "__main__":
