@@ -288,8 +288,10 @@ def select(args, what, grid, unit, run, path, progress):
     for value in grid:
         progress(f"{what} search: {unit.format(value)}")
         res = bench_result(run(value))
+        h = res["health"]  # the health columns ride along (not in the rule): entropy, repetition, truncation
         rows.append({what: value, "avg_at_k": res["avg_at_k"], "pass_at_k": res["pass_at_k"][str(args.k)],
-                     "no_answer_rate": res["health"]["no_answer_rate"]})
+                     "no_answer_rate": h["no_answer_rate"], "entropy": h.get("entropy"), "rep4": h.get("rep4"),
+                     "truncation_rate": h.get("truncation_rate")})
     best = max(rows, key=lambda r: (r["avg_at_k"], r["pass_at_k"], -r["no_answer_rate"]))  # first wins ties
     write_json(path, {"rule": "max validation avg@k, then pass@k, then min no-answer rate; first of a tie",
                       "candidates": rows, "chosen": best[what]})

@@ -22,7 +22,8 @@ def test_each_run_is_a_valid_config_changing_one_ingredient():
     changed = {name: [k for k in ("method", "exposure", "alpha", "beta", "lr") if getattr(c, k) != getattr(ref, k)]
                for name, c in cfgs.items()}
     assert changed == {"opsd_fkl_lr1e-5": [], "opsd_rkl_lr1e-5": ["beta"], "opsd_fkl_lr3e-5": ["lr"],
-                       "dasd_lr1e-5": ["method"], "opsd_fkl_a0_lr1e-5": ["exposure", "alpha"]}
+                       "dasd_lr1e-5": ["method"], "opsd_fkl_a0_lr1e-5": ["exposure", "alpha"],
+                       "opsd_fkl_lr0": ["lr"]}
     assert {(c.model, c.steps, c.seed, c.clip) for c in cfgs.values()} == {("embedded", entropy_climb.STEPS, 0, None)}
 
 
@@ -38,7 +39,8 @@ def test_report_table_from_finished_runs_only(tmp_path):
     write("dasd_lr1e-5", 3)  # still running: left out
     entropy_climb.report(str(tmp_path))
     table = open(tmp_path / "table.md").read()
-    assert "| opsd_fkl_lr1e-5 | reference: OPSD, forward KL | 1.25 -> 3.00 | 2.00 -> 2.00 | 0.100 -> 0.800 | 90 -> 90 |" \
+    # step 1, then the mean of steps 5-8: entropy 1 + 0.25 * (5..8) -> 2.625, KL 0.1 * (5..8) -> 0.65
+    assert "| opsd_fkl_lr1e-5 | reference: OPSD, forward KL | 1.25 -> 2.62 | 2.00 -> 2.00 | 0.100 -> 0.650 | 90 -> 90 |" \
         in table
     assert "dasd" not in table
     assert os.path.exists(tmp_path / "entropy_climb.png")
