@@ -246,6 +246,23 @@ def eval_cmd(args, model_path, seed, bench, out_dir, n_problems):
             "--rollout", args.eval_rollout, "--batch_problems", str(n_problems), "--out", out_dir]
 
 
+def weights_fingerprint(model_dir):
+    """The first 12 hex digits of the sha256 of a model folder's weight files. The warm start is cached per machine
+    and rebuilt on a new one; two builds of one recipe on different CPUs can differ in the last bits, and with them
+    the samples, so each unit records which build it started from."""
+    import hashlib
+    import glob
+
+    if model_dir == "embedded":
+        model_dir = demo.modellib.embedded_model_dir()
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:12]
+
+
 def run_unit(args, unit, method, seed, lr, train_data, bench, n_problems, env, alpha=None):
     """Train (unless base) and evaluate one (method, seed); skipped when its report exists."""
     folder = os.path.join(args.out, "runs", unit, f"seed{seed}")
@@ -254,6 +271,9 @@ def run_unit(args, unit, method, seed, lr, train_data, bench, n_problems, env, a
         return report
     os.makedirs(folder, exist_ok=True)
     model_path = start_model(args)
+    start_json = os.path.join(folder, "start.json")
+    if not os.path.exists(start_json):
+        write_json(start_json, {"start": model_path, "weights_sha256": weights_fingerprint(model_path)})
     if method != "base":
         tdir = os.path.join(folder, "train")
         final = os.path.join(tdir, "final")
@@ -374,6 +394,7 @@ def summarize(args):
             if steps:
                 curves[key] = {"steps": steps, "mean": [sum(c[t] for c in per) / len(per) for t in steps]}
         entry["curves"] = curves
+        entry["start_builds"] = [start_build(os.path.join(runs_dir, m, f"seed{s}")) for s in seeds]
         entry["per_problem"] = per_problem([res[s] for s in seeds])
         summary["methods"][m] = entry
     for m, entry in summary["methods"].items():
@@ -382,6 +403,15 @@ def summarize(args):
             if ref != m and ref in summary["methods"]:
                 entry["paired"][ref] = paired(summary["methods"][ref]["per_problem"], entry["per_problem"])
     return summary
+
+
+def start_build(folder):
+    """The start model's weights fingerprint a unit recorded (start.json), or None for a unit that predates it."""
+    path = os.path.join(folder, "start.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["weights_sha256"]
 
 
 def per_problem(results):
@@ -424,6 +454,13 @@ def table(summary, k):
             fmt(mu["no_answer_rate"], sd["no_answer_rate"], 100), fmt(mu["entropy"], sd["entropy"], digits=2),
             fmt(mu["revisions_per_1k_tokens"], sd["revisions_per_1k_tokens"], digits=2),
             fmt(mu["rep4"], sd["rep4"], digits=3)]) + " |")
+    builds = {}
+    for m, e in summary["methods"].items():
+        for seed, b in zip(e["seeds"], e.get("start_builds", [None] * len(e["seeds"]))):
+            builds.setdefault(b or "not recorded", []).append(f"{m}/seed{seed}")
+    if len(builds) > 1:  # units started from different builds of the start model (see weights_fingerprint)
+        lines.append("\nStart-model builds (sha256 of the weights): " + "; ".join(
+            f"{b}: {', '.join(units)}" for b, units in sorted(builds.items())))
     return "\n".join(lines) + "\n"
 
 

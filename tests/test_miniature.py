@@ -6,6 +6,7 @@ disjoint from the training rows, and the report must aggregate seeds correctly a
 replace an earlier summary.
 """
 
+import hashlib
 import json
 import os
 import statistics
@@ -179,3 +180,29 @@ def test_paired_comparisons_average_seeds_per_problem(tmp_path):
     table = open(os.path.join(args.out, "table.md")).read()
     line = next(x for x in table.splitlines() if x.startswith("| grpo |"))
     assert f"{p['base']['diff']:+.1f} [{p['base']['ci95'][0]:+.1f}, {p['base']['ci95'][1]:+.1f}]" in line
+
+
+def test_start_build_fingerprint_is_recorded_and_a_mixed_table_says_so(tmp_path):
+    # the fingerprint is the sha256 of the weight files, computed here independently with hashlib
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, payload in ((a, b"\x00\x01" * 1000), (b, b"\x00\x01" * 999 + b"\x00\x02")):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(payload)
+        (d / "config.json").write_text("{}")  # not a weight file: left out
+    expect = hashlib.sha256(b"\x00\x01" * 1000).hexdigest()[:12]
+    assert miniature.weights_fingerprint(str(a)) == expect
+    assert miniature.weights_fingerprint(str(b)) != expect
+    args = args_for(tmp_path, "--k", "2")
+    runs = os.path.join(args.out, "runs")
+    for method, seed, build in (("base", 0, None), ("opsd", 0, "abc"), ("opsd", 1, "abc")):
+        folder = os.path.join(runs, method, f"seed{seed}")
+        fake_report(os.path.join(folder, "eval", "report.json"), 2.0, 4.0, 0.5, 100)
+        if build:
+            miniature.write_json(os.path.join(folder, "start.json"), {"start": "x", "weights_sha256": build})
+    s = miniature.write_report(args)
+    assert s["methods"]["opsd"]["start_builds"] == ["abc", "abc"] and s["methods"]["base"]["start_builds"] == [None]
+    table = open(os.path.join(args.out, "table.md")).read()
+    assert "Start-model builds (sha256 of the weights): abc: opsd/seed0, opsd/seed1; not recorded: base/seed0" in table
+    # one build everywhere: no line
+    miniature.write_json(os.path.join(runs, "base", "seed0", "start.json"), {"start": "x", "weights_sha256": "abc"})
+    assert "Start-model builds" not in miniature.table(miniature.summarize(args), 2)
