@@ -54,6 +54,8 @@ alpha_selection.json.
 """
 
 import argparse
+import glob
+import hashlib
 import json
 import math
 import os
@@ -250,9 +252,6 @@ def weights_fingerprint(model_dir):
     """The first 12 hex digits of the sha256 of a model folder's weight files. The warm start is cached per machine
     and rebuilt on a new one; two builds of one recipe on different CPUs can differ in the last bits, and with them
     the samples, so each unit records which build it started from."""
-    import hashlib
-    import glob
-
     if model_dir == "embedded":
         model_dir = demo.modellib.embedded_model_dir()
     h = hashlib.sha256()
