@@ -35,6 +35,10 @@ Everything runs through train.py and evaluate.py as subprocesses, one at a time 
 not profit from two concurrent runs). Per run the layout is
     <out>/runs/<unit>/seed<s>/train/   metrics.jsonl, train.log (ckpt/ and final/ while needed)
     <out>/runs/<unit>/seed<s>/eval/    report.json, samples.jsonl, eval.log
+The start model is cached per machine and rebuilt on a new one, and two builds of one recipe need not be
+bitwise equal (see weights_fingerprint). Each unit records its build in start.json; before training from a
+build that has not been evaluated yet, its start point is evaluated into <out>/runs/start_builds/<build>/seed<s>/,
+and "vs start" pairs every unit with the start point of its own build.
 A run whose eval/report.json exists is done and skipped; a run interrupted while training resumes
 from its checkpoint (train.py --resume). Models are deleted once evaluated (--keep_models keeps
 them): 17 models and their optimizer states would take tens of GB.
@@ -83,6 +87,8 @@ METHODS = {
     "dasd_atesd": ["--method", "dasd", "--exposure", "atesd"],
 }
 ORDER = ["base"] + list(METHODS)
+# evaluations of later builds of the start model, one folder per build: runs/start_builds/<sha256 prefix>/seed<s>
+START_BUILDS = "start_builds"
 # one colour and line style per method, the same in every panel and figure
 STYLE = {m: {"color": f"C{i}", "linestyle": "--" if "atesd" in m or m == "base" else "-"} for i, m in enumerate(ORDER)}
 # training curves drawn per method (mean over seeds)
@@ -292,6 +298,18 @@ def run_unit(args, unit, method, seed, lr, train_data, bench, n_problems, env, a
     return report
 
 
+def ensure_start_eval(args, seed, env):
+    """Before training from this machine's build of the start model: make sure that build has been evaluated on the
+    test problems (the 'base' unit when it is from this build, otherwise runs/start_builds/<build>/seed<seed>), so
+    that 'vs start' compares each unit with the weights it started from."""
+    if "base" in args.methods:  # the 'base' unit of this seed first (the loop then finds it done)
+        run_unit(args, "base", "base", seed, None, None, "embedded:test", args.n_problems, env)
+    build = weights_fingerprint(start_model(args))
+    if build not in start_evals(os.path.join(args.out, "runs")):
+        print(f"[+] the start point of build {build} (this machine's), seed {seed}", flush=True)
+        run_unit(args, f"{START_BUILDS}/{build}", "base", seed, None, None, "embedded:test", args.n_problems, env)
+
+
 def bench_result(report_path):
     """The single (model, benchmark) entry of an evaluate.py report."""
     with open(report_path) as f:
@@ -396,12 +414,50 @@ def summarize(args):
         entry["start_builds"] = [start_build(os.path.join(runs_dir, m, f"seed{s}")) for s in seeds]
         entry["per_problem"] = per_problem([res[s] for s in seeds])
         summary["methods"][m] = entry
+    starts = start_evals(runs_dir)
+    summary["start_points"] = {b or "not recorded": {"seeds": [s for s, _, _ in v], "avg_at_k": [a for _, a, _ in v]}
+                               for b, v in starts.items()}
     for m, entry in summary["methods"].items():
         entry["paired"] = {}
         for ref in PAIRED_AGAINST:
-            if ref != m and ref in summary["methods"]:
-                entry["paired"][ref] = paired(summary["methods"][ref]["per_problem"], entry["per_problem"])
+            if ref == m or ref not in summary["methods"]:
+                continue
+            if ref == "base":  # each unit against the start model it was trained from (its build)
+                ref_rows = start_reference(starts, entry["start_builds"])
+            else:
+                ref_rows = summary["methods"][ref]["per_problem"]
+            entry["paired"][ref] = paired(ref_rows, entry["per_problem"])
     return summary
+
+
+def start_evals(runs_dir):
+    """{build: [(seed, avg_at_k, per-problem accuracy), ...]}: every evaluation of the start model, the 'base' units
+    and the extra ones of later builds (runs/start_builds/<build>/seed<s>), grouped by the weights they evaluated."""
+    found = {}
+    folders = glob.glob(os.path.join(runs_dir, "base", "seed*")) + \
+        glob.glob(os.path.join(runs_dir, START_BUILDS, "*", "seed*"))
+    for folder in sorted(folders):
+        report = os.path.join(folder, "eval", "report.json")
+        if os.path.exists(report):
+            res = bench_result(report)
+            found.setdefault(start_build(folder), []).append(
+                (int(os.path.basename(folder)[4:]), res["avg_at_k"], res.get("accuracy_per_problem")))
+    return found
+
+
+def start_reference(starts, builds):
+    """The start point's per-problem accuracy that a method's units are paired with: for each unit, the mean over
+    the evaluations of the build it started from, then the mean over the units (so with a single build it is the
+    'base' row's per-problem mean). None when a unit's build was never evaluated or a report lacks per-problem data."""
+    per_unit = []
+    for b in builds:
+        rows = [pp for _, _, pp in starts.get(b, [])]
+        if not rows or any(r is None for r in rows) or len({len(r) for r in rows}) != 1:
+            return None
+        per_unit.append([sum(col) / len(col) for col in zip(*rows)])
+    if not per_unit or len({len(r) for r in per_unit}) != 1:
+        return None
+    return [sum(col) / len(col) for col in zip(*per_unit)]
 
 
 def start_build(folder):
@@ -457,9 +513,13 @@ def table(summary, k):
     for m, e in summary["methods"].items():
         for seed, b in zip(e["seeds"], e.get("start_builds", [None] * len(e["seeds"]))):
             builds.setdefault(b or "not recorded", []).append(f"{m}/seed{seed}")
-    if len(builds) > 1:  # units started from different builds of the start model (see weights_fingerprint)
+    if len(builds) > 1 or len(summary.get("start_points", {})) > 1:
+        # units started from different builds of the start model (see weights_fingerprint)
         lines.append("\nStart-model builds (sha256 of the weights): " + "; ".join(
-            f"{b}: {', '.join(units)}" for b, units in sorted(builds.items())))
+            f"{b}: {', '.join(units)}" for b, units in sorted(builds.items())) + ".")
+        lines.append("Each build's start point, Avg@k per evaluation (seed: value): " + "; ".join(
+            f"{b}: " + ", ".join(f"{s}: {a:.1f}" for s, a in zip(v["seeds"], v["avg_at_k"]))
+            for b, v in sorted(summary["start_points"].items())) + ". 'vs start' pairs each unit with its own build.")
     return "\n".join(lines) + "\n"
 
 
@@ -578,6 +638,9 @@ def main(argv=None):
         args.fixed_alpha = select_alpha(args, lr, train_data, val_data, env, progress)
         print(f"fixed exposure of opsd_fixed: {args.fixed_alpha:g} (alpha_selection.json)", flush=True)
     for seed in args.seeds:  # seed-major: a partial run already compares every method
+        if any(not os.path.exists(os.path.join(args.out, "runs", m, f"seed{seed}", "eval", "report.json"))
+               for m in trained):
+            ensure_start_eval(args, seed, env)
         for m in args.methods:
             progress(f"{m} seed {seed}")
             run_unit(args, m, m, seed, lr, train_data, "embedded:test", args.n_problems, env)

@@ -206,3 +206,55 @@ def test_start_build_fingerprint_is_recorded_and_a_mixed_table_says_so(tmp_path)
     # one build everywhere: no line
     miniature.write_json(os.path.join(runs, "base", "seed0", "start.json"), {"start": "x", "weights_sha256": "abc"})
     assert "Start-model builds" not in miniature.table(miniature.summarize(args), 2)
+
+
+def test_vs_start_pairs_each_unit_with_its_own_builds_start_point(tmp_path):
+    """Units trained from two builds of the start model: 'vs start' subtracts, per unit, its own build's start."""
+    import numpy as np
+
+    args = args_for(tmp_path, "--k", "2")
+    runs = os.path.join(args.out, "runs")
+    rows = {("base", 0, None): [0.0, 0.5, 1.0, 0.5],  # the first build, recorded before start.json existed
+            ("start_builds/abc", 0, "abc"): [0.5, 0.5, 0.5, 0.0],  # a later build, evaluated on its own
+            ("sft", 0, None): [1.0, 1.0, 1.0, 0.5],
+            ("opsd", 0, "abc"): [0.0, 0.5, 0.0, 0.0], ("opsd", 1, "abc"): [0.5, 0.0, 0.5, 0.5],
+            ("grpo", 0, None): [0.5, 0.5, 1.0, 1.0], ("grpo", 1, "abc"): [1.0, 1.0, 0.5, 0.5],
+            ("dasd", 0, "zzz"): [0.5, 0.5, 0.5, 0.5]}  # a build whose start point was never evaluated
+    for (unit, seed, build), acc in rows.items():
+        folder = os.path.join(runs, unit, f"seed{seed}")
+        fake_report(os.path.join(folder, "eval", "report.json"), 100 * float(np.mean(acc)), 0.0, 0.0, 50,
+                    per_problem=acc)
+        if build:
+            miniature.write_json(os.path.join(folder, "start.json"), {"start": "x", "weights_sha256": build})
+    s = miniature.write_report(args)
+    a = {k[:2]: np.array(v) for k, v in rows.items()}
+    old, new = a["base", 0], a["start_builds/abc", 0]
+    by_hand = {"sft": (a["sft", 0] - old).mean(),
+               "opsd": ((a["opsd", 0] - new) + (a["opsd", 1] - new)).mean() / 2,
+               "grpo": ((a["grpo", 0] - old) + (a["grpo", 1] - new)).mean() / 2}
+    for m, d in by_hand.items():
+        assert s["methods"][m]["paired"]["base"]["diff"] == pytest.approx(100 * d)
+    assert s["methods"]["opsd"]["paired"]["base"]["diff"] == pytest.approx(-12.5)  # 0.25 per problem - (0.5, 0.5, 0.5, 0)
+    assert s["methods"]["dasd"]["paired"]["base"] is None  # no start point of its build: no comparison
+    # the extra start evaluation is not a 'base' seed, and the table names both start points
+    assert s["methods"]["base"]["seeds"] == [0]
+    assert s["start_points"] == {"not recorded": {"seeds": [0], "avg_at_k": [50.0]},
+                                 "abc": {"seeds": [0], "avg_at_k": [37.5]}}
+    table = open(os.path.join(args.out, "table.md")).read()
+    assert "abc: 0: 37.5; not recorded: 0: 50.0" in table
+
+
+def test_a_new_build_gets_its_start_point_evaluated_before_training(tmp_path, monkeypatch):
+    args = miniature.build_parser().parse_args(["--out", str(tmp_path / "m"), "--methods", "base", "opsd"])
+    args.out = str(tmp_path / "m")
+    runs = os.path.join(args.out, "runs")
+    fake_report(os.path.join(runs, "base", "seed0", "eval", "report.json"), 50.0, 0.0, 0.0, 50, per_problem=[0.5])
+    calls = []
+    monkeypatch.setattr(miniature, "weights_fingerprint", lambda path: "new")
+    monkeypatch.setattr(miniature, "run_unit", lambda args, unit, method, seed, *a, **k: calls.append((unit, seed)))
+    miniature.ensure_start_eval(args, 0, {})
+    assert calls == [("base", 0), ("start_builds/new", 0)]  # base is done (run_unit skips it); the build is not
+    miniature.write_json(os.path.join(runs, "base", "seed0", "start.json"), {"start": "x", "weights_sha256": "new"})
+    calls.clear()
+    miniature.ensure_start_eval(args, 0, {})
+    assert calls == [("base", 0)]  # 'base' already evaluated this build
