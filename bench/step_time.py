@@ -5,8 +5,9 @@ Measured in one run, side by side:
      and its memory bandwidth (a 256 MiB tensor copy);
   2. on the embedded model with a batch shaped like `make demo`'s (B sequences, prompt + T response tokens):
      rollout (HF generate, under autocast as in train.py), teacher forward (no grad), student forward +
-     backward with the DASD loss, optimizer step; each phase's seconds, and for the forward/backward phases
-     the achieved FLOP rate as a fraction of (1);
+     backward with the DASD loss (the plain path on (B, T, V) logits, and train.py --chunk_size's path on hidden
+     states), the model's forward + backward alone, optimizer step; each phase's seconds, and for the
+     forward/backward phases the achieved FLOP rate as a fraction of (1);
   3. the step's limit: the time the rollout, teacher and student phases would take at the measured peaks,
      next to their measured time.
 
@@ -92,6 +93,7 @@ def main():
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                     help="auto: the faster of the bf16 and fp32 matmul rates measured at the start")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--chunk_size", type=int, default=256, help="token rows per chunk of the chunked DASD loss row")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -142,6 +144,23 @@ def main():
         loss.backward()
         return loss
 
+    def teacher_hidden():
+        with torch.no_grad(), autocast():
+            return teacherlib.teacher_logits(teacher_model, t_prompts, responses, hidden=True)
+
+    def student_fwd_bwd_chunked():
+        # train.py --chunk_size C: hidden states out of the model, the loss and its logits gradient from
+        # losses.chunked_distill_loss (at most C x V logits alive, the softmax Jacobian written out by hand)
+        student.zero_grad(set_to_none=True)
+        with autocast():
+            h_s, mask = teacherlib.response_forward(student, s_prompts, responses, hidden=True)
+        W_t = teacher_model.get_output_embeddings().weight.detach()
+        # as in train.py: outside autocast, on the fp32 master weight of the lm_head
+        loss, _ = losses.chunked_distill_loss(h_s.float(), student.get_output_embeddings().weight, t_hid[0].float(),
+                                              W_t, mask, method="dasd", chunk_size=args.chunk_size)
+        loss.backward()
+        return loss
+
     def student_fwd_bwd_model_only():
         # the same forward + backward with a trivial loss: the model math alone, without the loss's softmaxes
         student.zero_grad(set_to_none=True)
@@ -152,6 +171,8 @@ def main():
     t_teacher, t_out = timed(teacher_fwd, args.reps)
     t_student, _ = timed(student_fwd_bwd, args.reps)
     t_model, _ = timed(student_fwd_bwd_model_only, args.reps)
+    t_hid = teacher_hidden()
+    t_chunked, _ = timed(student_fwd_bwd_chunked, args.reps)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-7)
     t_opt, _ = timed(opt.step, args.reps)
 
@@ -165,8 +186,11 @@ def main():
           f"   {gen_tokens / t_roll:.0f} tok/s")
     for name, sec, fl in [("teacher forward", t_teacher, f_teacher),
                           ("student fwd+bwd (model + DASD loss)", t_student, f_student),
-                          ("student fwd+bwd (model only)", t_model, f_student)]:
+                          ("student fwd+bwd (model only)", t_model, f_student),
+                          (f"  ... + chunked DASD loss, C={args.chunk_size}", t_chunked, f_student)]:
         print(f"{name:34s} {sec:8.2f} {fl / 1e9:8.1f} {fl / sec / 1e9:8.1f} {fl / sec / ref:8.1%}")
+    print(f"the DASD loss's cost above the model's own forward/backward: plain {t_student - t_model:+.2f} s, "
+          f"chunked {t_chunked - t_model:+.2f} s (chunked / plain step: {t_chunked / t_student:.2f}x)")
     print(f"{'optimizer step (AdamW fp32)':34s} {t_opt:8.2f}")
     print(f"targets: student fwd+bwd >= 35% of peak, teacher forward >= 45% of peak "
           f"(peak = measured {args.dtype} matmul rate)")
