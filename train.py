@@ -154,9 +154,11 @@ class Config:
     topk: typing.Optional[int] = None
     """opsd/dasd: the divergence on the teacher's top-k vocabulary entries, both sides renormalized over
     them (OPSD's top_k_loss); None = the full vocabulary. DASD's router keeps the full-vocabulary entropy."""
-    chunk_size: int = 0
-    """>0: compute the distillation loss from hidden states in chunks of this many tokens, never
-    holding the full (T, V) logits (use for large vocabularies such as Qwen3's 151,936)."""
+    chunk_size: int = -1
+    """opsd/dasd: >0 computes the loss from hidden states in chunks of this many tokens, never holding the
+    full (T, V) logits (losses.chunked_distill_loss; use it for large vocabularies such as Qwen3's 151,936);
+    0 = the plain loss on full logits; -1 (auto) = 256 on a CPU without --fsdp, where bench/step_time.py
+    measured the student step at 0.6x the plain path's, and 0 elsewhere (a resume keeps the run's value)."""
 
     # --- exposure controller (ATESD; see exposure.py for the defaults' reasons)
     hold: typing.Optional[int] = None
@@ -284,6 +286,8 @@ def check_config(cfg):
         errors.append("--temperature must be > 0 (on-policy distillation needs sampled rollouts)")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         errors.append(f"--dtype {cfg.dtype!r}: choose auto, bfloat16 or float32")
+    if cfg.chunk_size < -1:
+        errors.append(f"--chunk_size {cfg.chunk_size}: use a positive chunk, 0 (plain loss) or -1 (auto)")
     if cfg.topk is not None and cfg.topk < 1:
         errors.append(f"--topk {cfg.topk} must be >= 1 (none: the full vocabulary)")
     if cfg.optimizer not in ("adamw", "sgd"):
@@ -389,6 +393,7 @@ def setup(cfg):
         resume_state = load_checkpoint(ckpt_dir)
         check_resume_config(cfg, resume_state["config"], ckpt_dir)
     cfg.dtype = choose_dtype(cfg, device, ddp, resume_state)
+    cfg.chunk_size = choose_chunk_size(cfg, device, resume_state)
     start_path = modellib.resolve(cfg.model)
     student, tok, teacher_model = load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir)
     train_model = wrap_for_parallel(cfg, student, ddp, device)
@@ -441,6 +446,18 @@ def check_resume_config(cfg, saved, ckpt_dir):
     if diff:
         raise SystemExit(f"train.py: --resume from {ckpt_dir}: " + ", ".join(diff)
                          + "; resume with the checkpoint's values, or start a new --out_dir")
+
+
+def choose_chunk_size(cfg, device, resume_state):
+    """--chunk_size -1 (auto) -> 256 for opsd/dasd on a CPU without FSDP, else 0. The chunked path computes the
+    logits' gradient by hand (losses.py note 9) and skips autograd's (B, T, V) graph, which on a CPU costs more
+    than the model's own backward; on a GPU the plain path is kept (the chunked one is for memory there). A
+    resumed run keeps the path it was started with: the two agree to rounding, not bit for bit."""
+    if cfg.chunk_size >= 0:
+        return cfg.chunk_size
+    if resume_state is not None and resume_state["config"].get("chunk_size", -1) >= 0:
+        return resume_state["config"]["chunk_size"]
+    return 256 if device.type == "cpu" and cfg.method in ("opsd", "dasd") and not cfg.fsdp else 0
 
 
 def choose_dtype(cfg, device, ddp, resume_state):
@@ -647,6 +664,10 @@ def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autoca
             kw.update(dasd_kwargs(cfg))
         t_head = teacher_model.get_output_embeddings().weight.detach()  # the teacher's own lm_head
         loss, metrics = losses.chunked_distill_loss(s_out.float(), lm_head.weight, t_out.float(), t_head, mask, **kw)
+        if cfg.exposure == "atesd":  # the controller's state features, from the hidden states chunk by chunk
+            extra = student_confidence(s_out.float(), responses, mask, cfg.temperature, lm_head.weight,
+                                       rows_per_pass=cfg.chunk_size)
+            metrics.update({k: v / max(n.item(), 1.0) for k, v in extra.items()})
         return loss, n.item(), metrics
 
     s_logits = s_out if cfg.chunk_size == 0 else s_out @ lm_head.weight.T
@@ -695,14 +716,23 @@ def response_targets(responses, T, device):
 
 
 @torch.no_grad()
-def student_confidence(s_logits, responses, mask, temperature):
-    """Token sums of the student's NLL of its own sampled tokens and of its top-1 probability."""
-    logp = torch.log_softmax(s_logits.detach().float() / temperature, -1)  # (B,T,V)
-    tgt = response_targets(responses, s_logits.shape[1], s_logits.device)
-    nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B,T)
-    top1 = logp.max(-1).values.exp()  # (B,T)
-    m = mask.bool()
-    return {"student/nll": torch.where(m, nll, 0.0).sum().item(), "student/confidence": torch.where(m, top1, 0.0).sum().item()}
+def student_confidence(s_out, responses, mask, temperature, lm_head_weight=None, rows_per_pass=256):
+    """Token sums of the student's NLL of its own sampled tokens and of its top-1 probability.
+
+    s_out: (B,T,V) logits, or with lm_head_weight (V,H) the (B,T,H) hidden states of the chunked path, whose logits
+    are made here. Either way the valid tokens are processed rows_per_pass at a time: an (R,V) softmax, never (B,T,V).
+    """
+    tgt = response_targets(responses, s_out.shape[1], s_out.device).reshape(-1)  # (B*T,)
+    flat = s_out.detach().reshape(-1, s_out.shape[-1])  # (B*T, V or H)
+    rows = mask.bool().reshape(-1).nonzero().squeeze(1)  # (N,)
+    nll = top1 = 0.0
+    for r0 in range(0, rows.numel(), rows_per_pass):
+        r = rows[r0:r0 + rows_per_pass]
+        z = flat[r] if lm_head_weight is None else flat[r].to(lm_head_weight.dtype) @ lm_head_weight.T  # (R,V)
+        logp = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)) / temperature, -1)  # (R,V)
+        nll -= logp.gather(-1, tgt[r].unsqueeze(-1)).sum().item()
+        top1 += logp.max(-1).values.exp().sum().item()
+    return {"student/nll": nll, "student/confidence": top1}
 
 
 def chunks(xs, n):

@@ -12,6 +12,10 @@ invocation, each in its own subprocess (so neither inherits the other's allocato
     ratio    = train.py tokens/s / TRL tokens/s   (printed, not asserted; the project's target is >= 3 at the
                full demo settings)
 
+train.py runs twice (--ours_rollout hf vllm): with transformers `generate` rollouts, the equal-settings row,
+and with vLLM rollouts, its own default where vLLM is installed (one more copy of the weights, a weight sync
+after every step, counted in its step time). TRL's sdft trainer decodes with `generate` on a CPU.
+
 What is EQUAL on the two sides
   1. Model and weights: the embedded model, float32 master weights, loaded the same way (model.load).
   2. Data: the same prompts at every step. The TRL dataset is train.py's own step order (train.step_rows with
@@ -22,7 +26,7 @@ What is EQUAL on the two sides
   4. Sampling: transformers `generate`, temperature 1.0, no top-k / top-p, at most --max_new_tokens tokens, the
      same stop tokens (TRL's eos list is set to rollout.stop_token_ids: <|im_end|> and <|endoftext|>).
   5. Loss: forward KL(p_T || p_S) on the full vocabulary at every response token (train.py --method opsd
-     --beta 0 --clip 0; TRL distillation_mode="full_logits", distillation_alpha=0.0, distillation_is_clip=None).
+     --beta 0 --clip 0, on its default loss path: chunked from hidden states on a CPU, README choice 16; TRL distillation_mode="full_logits", distillation_alpha=0.0, distillation_is_clip=None).
      TRL's compute_divergence(student, teacher, alpha=0) is F.kl_div(log p_S, log p_T) = sum_v p_T (log p_T -
      log p_S): the same direction.
   6. Teacher: frozen at the initial weights (train.py --teacher frozen, a deep copy; TRL
@@ -64,6 +68,7 @@ Run:
     python bench/vs_trl.py                                   # 8 prompts x 64 new tokens, 1 warm-up + 3 steps
     python bench/vs_trl.py --prompts 8 --max_new_tokens 128 --steps 3 --json /tmp/vs_trl.json
     python bench/vs_trl.py --dtype float32                   # both sides in float32
+    python bench/vs_trl.py --ours_rollout hf                 # the equal-settings row only
 """
 
 import argparse
@@ -168,7 +173,7 @@ def run_trl(args, dtype):
 # The train.py side: train.py itself in its own process, read back from its metrics.jsonl
 
 
-def run_ours(args, dtype):
+def run_ours(args, dtype, backend="hf"):
     import data
     import model as modellib
     import teacher as teacherlib
@@ -180,7 +185,7 @@ def run_ours(args, dtype):
                "--prompts_per_step", str(args.prompts), "--samples_per_prompt", "1", "--micro_batch",
                str(args.prompts), "--max_new_tokens", str(args.max_new_tokens), "--temperature", "1.0",
                "--top_p", "1.0", "--top_k", "-1", "--optimizer", "adamw", "--lr", str(args.lr),
-               "--weight_decay", "0", "--warmup_steps", "0", "--grad_clip", "1.0", "--rollout", "hf",
+               "--weight_decay", "0", "--warmup_steps", "0", "--grad_clip", "1.0", "--rollout", backend,
                "--dtype", dtype, "--seed", str(args.seed)]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -242,6 +247,10 @@ def main():
                     help="both sides; auto = the faster 2048^3 matmul of bf16 and fp32, measured now")
     ap.add_argument("--ours_dtype", default=None, choices=["bfloat16", "float32"], help="override for train.py")
     ap.add_argument("--trl_dtype", default=None, choices=["bfloat16", "float32"], help="override for TRL")
+    ap.add_argument("--ours_rollout", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"],
+                    help="train.py's rollout backends, each measured in turn: hf is the equal-settings comparison "
+                         "(both sides decode with transformers generate), vllm is train.py's own default where "
+                         "vLLM is installed (TRL's sdft trainer decodes with generate on a CPU)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--side", default=None, choices=["trl"], help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -267,31 +276,36 @@ def main():
           f"{args.steps} measured steps", flush=True)
 
     results, loads = {}, {}
-    for side, name in (("ours", "train.py"), ("trl", "TRL sdft")):
+    sides = [(f"ours_{b}", f"train.py {b}") for b in args.ours_rollout] + [("trl", "TRL sdft")]
+    for side, name in sides:
         before = loadavg()
         t = time.perf_counter()
-        res = run_ours(args, dtype[side]) if side == "ours" else side_in_subprocess(args, side, dtype[side])
+        if side == "trl":
+            res = side_in_subprocess(args, side, dtype["trl"])
+        else:
+            res = run_ours(args, dtype["ours"], backend=side[len("ours_"):])
         results[side] = summarize(res, args.warmup)
         loads[side] = [before, loadavg()]
-        r = results[side]
-        print(f"  {name:9s} done in {time.perf_counter() - t:.0f} s (load average {before[0]:.1f} -> "
+        print(f"  {name:13s} done in {time.perf_counter() - t:.0f} s (load average {before[0]:.1f} -> "
               f"{loads[side][1][0]:.1f})", flush=True)
 
-    print(f"\n{'side':10s} {'dtype':9s} {'s/step':>7s} {'rollout s':>9s} {'tok/step':>8s} {'tok/s':>7s} "
+    print(f"\n{'side':14s} {'dtype':9s} {'s/step':>7s} {'rollout s':>9s} {'tok/step':>8s} {'tok/s':>7s} "
           f"{'teacher prompt':>14s}")
-    for side, name in (("ours", "train.py"), ("trl", "TRL sdft")):
+    for side, name in sides:
         r = results[side]
-        print(f"{name:10s} {dtype[side]:9s} {r['s_per_step']:7.2f} {r['rollout_s_per_step']:9.2f} "
-              f"{r['tokens_per_step']:8.1f} {r['tokens_per_s']:7.1f} {r['teacher_prompt_len']:11.0f} tok")
-    ratio = results["ours"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
-    print(f"ratio train.py / TRL tokens/s: {ratio:.2f}  (project target >= 3 at the full demo settings; "
-          f"noisy on a shared machine)")
+        print(f"{name:14s} {dtype['trl' if side == 'trl' else 'ours']:9s} {r['s_per_step']:7.2f} "
+              f"{r['rollout_s_per_step']:9.2f} {r['tokens_per_step']:8.1f} {r['tokens_per_s']:7.1f} "
+              f"{r['teacher_prompt_len']:11.0f} tok")
+    ratios = {side: results[side]["tokens_per_s"] / results["trl"]["tokens_per_s"] for side, _ in sides[:-1]}
+    for side, name in sides[:-1]:
+        print(f"ratio {name} / TRL tokens/s: {ratios[side]:.2f}")
+    print("(project target >= 3; noisy on a shared machine: the load averages are printed above)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu, "threads": torch.get_num_threads(), "matmul_flops": rates, "dtype": dtype,
                        "settings": {k: getattr(args, k) for k in ("prompts", "max_new_tokens", "steps", "warmup",
-                                                                  "lr", "seed")},
-                       "loadavg_before_after": loads, "results": results, "ratio_tokens_per_s": ratio}, f, indent=2)
+                                                                  "lr", "seed", "ours_rollout")},
+                       "loadavg_before_after": loads, "results": results, "ratio_tokens_per_s": ratios}, f, indent=2)
 
 
 if __name__ == "__main__":

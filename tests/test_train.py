@@ -365,6 +365,23 @@ def test_dtype_auto_takes_the_faster_matmul_and_a_resume_keeps_its_dtype(monkeyp
     assert train.choose_dtype(cfg, torch.device("cpu"), False, None) == "bfloat16"
 
 
+def test_chunk_size_auto_chunks_the_distillation_loss_on_a_cpu_only():
+    import train
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    pick = lambda *flags, device=cpu, resume=None: train.choose_chunk_size(train.parse_config(list(flags)), device,
+                                                                          resume)
+    assert pick("--method", "dasd") == 256 and pick("--method", "opsd") == 256
+    assert pick("--method", "dasd", device=gpu) == 0  # the plain path on a GPU
+    assert pick("--method", "dasd", "--fsdp") == 0  # FSDP2 shards the lm_head the chunked loss multiplies by
+    assert pick("--method", "sft") == 0 and pick("--method", "grpo", "--samples_per_prompt", "2") == 0
+    assert pick("--method", "dasd", "--chunk_size", "0") == 0 and pick("--method", "opsd", "--chunk_size", "8") == 8
+    # a resumed run keeps the path it started with
+    assert pick("--method", "dasd", resume={"config": {"chunk_size": 0}}) == 0
+    with pytest.raises(SystemExit, match="--chunk_size -2"):
+        train.check_config(train.parse_config(["--chunk_size", "-2"]))
+
+
 def test_resume_refuses_a_flag_that_changes_the_trained_network(tmp_path):
     import dataclasses
 
@@ -383,3 +400,33 @@ def test_resume_refuses_a_flag_that_changes_the_trained_network(tmp_path):
     msg = str(e.value)
     assert str(tmp_path) in msg and "--method dasd (checkpoint: opsd)" in msg
     assert "--lora_r 8 (checkpoint: 16)" in msg and "--lora_alpha 16.0 (checkpoint: 32.0)" in msg
+
+
+def test_student_confidence_from_hidden_states_equals_a_per_token_loop():
+    """The ATESD state features (the student's NLL of its own tokens, its top-1 probability), from logits and from
+    the chunked path's hidden states, against a plain loop over tokens with math.log / math.exp."""
+    import math
+
+    import train
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V, temp = 3, 5, 4, 7, 0.7
+    W = torch.randn(V, H, generator=g, dtype=torch.float64)
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    responses = [[1, 2, 3, 4, 5], [6, 0], [3, 3, 3]]
+    mask = torch.zeros(B, T)
+    for b, r in enumerate(responses):
+        mask[b, :len(r)] = 1
+    # the logit at position t predicts responses[b][t] (response_forward's alignment)
+    nll = top1 = 0.0
+    for b, r in enumerate(responses):
+        for t, tok in enumerate(r):
+            z = [sum(h[b, t, i].item() * W[v, i].item() for i in range(H)) / temp for v in range(V)]
+            lse = math.log(sum(math.exp(x) for x in z))
+            nll += lse - z[tok]
+            top1 += math.exp(max(z) - lse)
+    from_logits = train.student_confidence(h @ W.T, responses, mask, temp, rows_per_pass=2)
+    from_hidden = train.student_confidence(h, responses, mask, temp, lm_head_weight=W, rows_per_pass=3)
+    for got in (from_logits, from_hidden):
+        assert got["student/nll"] == pytest.approx(nll, rel=1e-9)
+        assert got["student/confidence"] == pytest.approx(top1, rel=1e-9)
