@@ -435,14 +435,14 @@ def start_evals(runs_dir):
     """{build: [(seed, avg_at_k, per-problem accuracy), ...]}: every evaluation of the start model, the 'base' units
     and the extra ones of later builds (runs/start_builds/<build>/seed<s>), grouped by the weights they evaluated."""
     found = {}
-    folders = glob.glob(os.path.join(runs_dir, "base", "seed*")) + \
-        glob.glob(os.path.join(runs_dir, START_BUILDS, "*", "seed*"))
-    for folder in sorted(folders):
+    folders = sorted(glob.glob(os.path.join(runs_dir, "base", "seed*"))) + \
+        sorted(glob.glob(os.path.join(runs_dir, START_BUILDS, "*", "seed*")))
+    for folder in folders:  # the 'base' units first: an extra evaluation of a (build, seed) they hold is left out
         report = os.path.join(folder, "eval", "report.json")
-        if os.path.exists(report):
+        seed, build = int(os.path.basename(folder)[4:]), start_build(folder)
+        if os.path.exists(report) and seed not in [s for s, _, _ in found.get(build, [])]:
             res = bench_result(report)
-            found.setdefault(start_build(folder), []).append(
-                (int(os.path.basename(folder)[4:]), res["avg_at_k"], res.get("accuracy_per_problem")))
+            found.setdefault(build, []).append((seed, res["avg_at_k"], res.get("accuracy_per_problem")))
     return found
 
 

@@ -258,3 +258,13 @@ def test_a_new_build_gets_its_start_point_evaluated_before_training(tmp_path, mo
     calls.clear()
     miniature.ensure_start_eval(args, 0, {})
     assert calls == [("base", 0)]  # 'base' already evaluated this build
+
+
+def test_one_start_evaluation_per_build_and_seed(tmp_path):
+    """A 'base' unit and an extra evaluation of the same build and seed: the base unit counts, once."""
+    runs = tmp_path / "runs"
+    for folder, acc in (("base/seed0", [1.0, 0.0]), ("start_builds/x/seed0", [0.0, 0.0]),
+                        ("start_builds/x/seed1", [0.5, 0.5])):
+        fake_report(str(runs / folder / "eval" / "report.json"), 50.0 * sum(acc), 0.0, 0.0, 50, per_problem=acc)
+        miniature.write_json(str(runs / folder / "start.json"), {"start": "m", "weights_sha256": "x"})
+    assert miniature.start_evals(str(runs)) == {"x": [(0, 50.0, [1.0, 0.0]), (1, 50.0, [0.5, 0.5])]}
