@@ -71,8 +71,11 @@ Departures and choices where the papers are silent:
      work buffers allocated once; the lm_head matmuls keep chunk_size rows (a wide matmul, fewer passes over
      the (V, H) gradient). The per-token factor of the gradient is applied to the (C, H) side of the matmuls.
      The weight gradient is accumulated in the weight's dtype (bf16 rounding per chunk for a bf16 model).
+     matmul_dtype=bf16 over fp32 master weights (train.py under --dtype bfloat16) runs the lm_head matmuls in
+     bf16, as autocast would; the softmax math stays float32 either way.
      With topk the same formula holds on the k entries of S_t (p_S^k in place of p_S) and dL/dz is 0 elsewhere:
      the row's gradient is scattered into a zeroed row, so the lm_head matmuls stay dense (C, V) ones.
+     chunked_nll_loss is the same scheme for SFT's NLL of the reference tokens: dL/dz = (p - onehot(y)) / N.
  10. Top-k support: the DASD router keeps the student's FULL-vocabulary entropy H_t (the gate asks how uncertain
      the student is, which the top-k renormalization would distort: a flat tail outside the teacher's k entries
      is invisible to it); only D_pull and D_push use the top-k support. The logged metrics (student entropy,
@@ -424,6 +427,47 @@ class _AttachGrad(torch.autograd.Function):
         return None, grad_hidden, grad_weight, None, None
 
 
+def _lm_head_for_matmuls(W, matmul_dtype):
+    """The (V, H) matrix the chunked losses multiply by: W itself (detached), or its matmul_dtype copy."""
+    return W.detach() if matmul_dtype in (None, W.dtype) else W.detach().to(matmul_dtype)
+
+
+class _WeightGrad:
+    """dL/dW = sum over chunks of dz^T h_scaled, each product in the matmul dtype, the sum in W's dtype.
+
+    The first chunk's product is the buffer itself (no pass to fill zeros); with matmul dtype = W's dtype later
+    chunks accumulate in place (addmm_); otherwise each product lands in one reused buffer of the matmul dtype
+    and is added in W's dtype (CPUs have no mixed-dtype addmm)."""
+
+    def __init__(self, W, mm_dtype):
+        self.W, self.mm_dtype, self.grad, self.buf = W, mm_dtype, None, None
+
+    def add(self, dz, h_scaled):  # (C, V), (C, H) in the matmul dtype
+        if self.grad is None:
+            self.grad = (dz.T @ h_scaled).to(self.W.dtype)
+        elif self.mm_dtype == self.W.dtype:
+            self.grad.addmm_(dz.T, h_scaled)
+        else:
+            if self.buf is None:
+                self.buf = torch.empty(self.W.shape, dtype=self.mm_dtype, device=self.W.device)
+            self.grad += torch.mm(dz.T, h_scaled, out=self.buf)
+
+    def result(self):  # (V, H); zeros when no chunk had a valid token
+        return self.grad if self.grad is not None else torch.zeros_like(self.W)
+
+
+def _attach_grads(loss, hidden, W, rows, grad_rows, grad_W):
+    """loss with the precomputed gradients attached: grad_rows (N, H) of the valid rows `rows` of hidden (B, T, H)
+    scattered into place (0 at padding), grad_W (V, H) or None."""
+    grad_hidden = None
+    if grad_rows is not None:
+        B, T, H = hidden.shape
+        grad_hidden = torch.zeros_like(hidden).reshape(B * T, H)
+        grad_hidden[rows] = grad_rows.to(grad_hidden.dtype)
+        grad_hidden = grad_hidden.view(B, T, H)
+    return _AttachGrad.apply(loss, hidden, W, grad_hidden, grad_W)
+
+
 def _rowdot(a, b, tmp):
     """sum_v a[r, v] * b[r, v] for every row, the products written into the work buffer tmp. (R, V) x 3 -> (R,)"""
     return torch.mul(a, b, out=tmp).sum(-1)
@@ -470,7 +514,8 @@ def _segments(c0, c1, step, cuts):
 
 def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden, teacher_lm_head_weight, mask, *,
                          method="opsd", chunk_size=256, math_rows=16, beta=0.0, clip=0.05, temperature=1.0,
-                         push_fraction=0.2, soft=True, push_weight=1.0, push_margin=0.1, topk=None):
+                         push_fraction=0.2, soft=True, push_weight=1.0, push_margin=0.1, topk=None,
+                         matmul_dtype=None):
     """opsd_loss / dasd_loss on logits = hidden @ W.T, never holding more than chunk_size x V logits.
 
     student_hidden: (B, T, H) final hidden states (after the last norm) at the positions predicting the response
@@ -480,6 +525,9 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
     softmax math at a time inside a chunk (five math_rows x V float work buffers, reused by every block).
     topk: the divergences on the teacher's top-k support, as in opsd_loss / dasd_loss (None: all V); DASD's
     router and the metrics stay full-vocabulary.
+    matmul_dtype: dtype of the lm_head matmuls (None: each weight's own dtype). torch.bfloat16 over float32
+    weights does what autocast does to a linear layer: each weight is cast once per call (a (V, H) bf16 copy),
+    the logits and their gradient are bf16, and each chunk's bf16 weight gradient is summed in float32.
     Returns (loss, metrics) with the same keys as the plain functions. One backward pass per call.
 
     Same values and gradients as the plain path (tests check it to 1e-12 in float64), but the gradient of the
@@ -492,6 +540,15 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
     assert method in ("opsd", "dasd")
     B, T, H = student_hidden.shape
     W_s, W_t = student_lm_head_weight, teacher_lm_head_weight.detach()  # teacher is a constant
+    # the matrices the matmuls use: the weights themselves, or their matmul_dtype copies (one copy for a teacher
+    # that shares the student's lm_head)
+    mm_s = _lm_head_for_matmuls(W_s, matmul_dtype)
+    if matmul_dtype in (None, W_t.dtype):
+        mm_t = W_t
+    elif W_t.data_ptr() == W_s.data_ptr() and W_t.shape == W_s.shape:
+        mm_t = mm_s
+    else:
+        mm_t = W_t.to(matmul_dtype)
     valid = mask.bool().reshape(-1)  # (B*T,)
     idx = valid.nonzero().squeeze(1)  # (N,) padding rows are skipped entirely: they add nothing to loss or grad
     N = idx.numel()
@@ -502,11 +559,11 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
     # The two (C, V) logits buffers are allocated once and refilled by every chunk (torch.mm(out=...)): fresh
     # buffers per chunk would cost the operating system's page faults on 2 x C x V new memory each time.
     C_max = min(chunk_size, N)
-    buf_s = torch.empty(C_max, W_s.shape[0], dtype=W_s.dtype, device=dev)  # (C, V)
-    buf_t = torch.empty(C_max, W_t.shape[0], dtype=W_t.dtype, device=dev) if N else None  # (C, V)
+    buf_s = torch.empty(C_max, W_s.shape[0], dtype=mm_s.dtype, device=dev)  # (C, V)
+    buf_t = torch.empty(C_max, W_t.shape[0], dtype=mm_t.dtype, device=dev) if N else None  # (C, V)
 
-    def student_logits(h_rows):  # (C, H) -> (C, V) in the model dtype, in buf_s
-        return torch.mm(h_rows.to(W_s.dtype), W_s.T, out=buf_s[:h_rows.shape[0]])
+    def student_logits(h_rows):  # (C, H) -> (C, V) in the matmul dtype, in buf_s
+        return torch.mm(h_rows.to(mm_s.dtype), mm_s.T, out=buf_s[:h_rows.shape[0]])
 
     def log_softmax(z, out):  # (R, V) model dtype -> (R, V) float log-probs in out, as logprobs() computes them
         if temperature != 1.0:
@@ -572,13 +629,13 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
     want_h = need_grad and student_hidden.requires_grad
     want_W = need_grad and W_s.requires_grad
     grad_h = torch.zeros(N, H, dtype=fdtype, device=dev) if want_h else None  # (N, H)
-    grad_W = None  # (V, H): the gradient itself, created by the first chunk and accumulated over the others
+    grad_W = _WeightGrad(W_s, mm_s.dtype) if want_W else None  # (V, H), accumulated over the chunks
 
     loss = torch.zeros((), dtype=torch.float64, device=dev)
     with torch.no_grad():
         for c0 in range(0, N, chunk_size):
             c1 = min(c0 + chunk_size, N)
-            z_t = torch.mm(h_t[c0:c1].to(W_t.dtype), W_t.T, out=buf_t[:c1 - c0])  # (C, V) teacher logits
+            z_t = torch.mm(h_t[c0:c1].to(mm_t.dtype), mm_t.T, out=buf_t[:c1 - c0])  # (C, V) teacher logits
             z_s = student_logits(h_s[c0:c1])  # (C, V) student logits, model dtype
             # d(loss)/d(logits) / scale, (C, V) in the model dtype, is written over z_s row block by row block
             # (a block's logits are not needed once its log-probs exist): no third (C, V) buffer
@@ -646,28 +703,68 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
                 del logp_s, logp_t, p_s, p_t, w, tmp
             if need_grad:
                 if want_h:  # (C, H)   since z = h W^T:  dL/dh = dL/dz W = scale * (dz W)
-                    grad_h[c0:c1] = (dz @ W_s).to(fdtype) * scale[:, None]
+                    grad_h[c0:c1] = (dz @ mm_s).to(fdtype) * scale[:, None]
                 if want_W:  # (V, H)   dL/dW += dL/dz^T h = dz^T (scale * h), accumulated in W's dtype
-                    h_scaled = (h_s[c0:c1].to(fdtype) * scale[:, None]).to(W_s.dtype)  # (C, H)
-                    if grad_W is None:  # the first chunk writes the buffer: no pass to fill it with zeros
-                        grad_W = dz.T @ h_scaled
-                    else:
-                        grad_W.addmm_(dz.T, h_scaled)
+                    grad_W.add(dz, (h_s[c0:c1].to(fdtype) * scale[:, None]).to(mm_s.dtype))
 
-    if want_W and grad_W is None:  # no valid token at all
-        grad_W = torch.zeros_like(W_s)
-    grad_hidden = None
-    if want_h:
-        grad_hidden = torch.zeros_like(student_hidden).reshape(B * T, H)  # (B*T, H), 0 at padding
-        grad_hidden[order] = grad_h.to(grad_hidden.dtype)
-        grad_hidden = grad_hidden.view(B, T, H)
     loss = loss.to(fdtype)
     if need_grad:
-        loss = _AttachGrad.apply(loss, student_hidden, W_s, grad_hidden, grad_W)
+        loss = _attach_grads(loss, student_hidden, W_s, order, grad_h, grad_W.result() if want_W else None)
     metrics = {k: (v * inv_n).float() for k, v in sums.items()}
     if method == "opsd":
         metrics["loss/div"] = loss.detach()
     return loss, metrics
+
+
+def chunked_nll_loss(hidden, lm_head_weight, targets, mask, *, chunk_size=256, matmul_dtype=None):
+    """SFT's loss, the token mean of -log p(y_t) under logits = hidden @ W.T, never holding more than chunk_size x V
+    logits.
+
+    hidden: (B, T, H) final hidden states at the positions predicting targets; lm_head_weight: (V, H); targets:
+    (B, T) token ids; mask: (B, T). matmul_dtype as in chunked_distill_loss. Returns the loss (float32 for float32
+    or bf16 weights); gradients reach hidden and lm_head_weight. The gradient of the logits is written by hand,
+        dL/dz_t = (softmax(z_t) - onehot(y_t)) / N,
+    the softmax taken in place of the log-probs the loss reads, so a chunk costs one (C, V) float buffer and a
+    few passes over it instead of autograd's (B, T, V) graph.
+    """
+    B, T, H = hidden.shape
+    W = lm_head_weight
+    mm = _lm_head_for_matmuls(W, matmul_dtype)  # (V, H)
+    fdtype = torch.promote_types(W.dtype, torch.float32)
+    dev = hidden.device
+    idx = mask.bool().reshape(-1).nonzero().squeeze(1)  # (N,) valid rows only
+    N = idx.numel()
+    inv_n = 1.0 / max(N, 1)
+    h = hidden.detach().reshape(B * T, H)[idx]  # (N, H)
+    y = targets.reshape(-1)[idx]  # (N,)
+    want_h = torch.is_grad_enabled() and hidden.requires_grad
+    want_W = torch.is_grad_enabled() and W.requires_grad
+    grad_h = torch.empty(N, H, dtype=fdtype, device=dev) if want_h else None  # (N, H)
+    grad_W = _WeightGrad(W, mm.dtype) if want_W else None  # (V, H), accumulated over the chunks
+    C = min(chunk_size, N)
+    z_buf = torch.empty(C, W.shape[0], dtype=mm.dtype, device=dev)  # (C, V) logits, then their gradient
+    p_buf = torch.empty(C, W.shape[0], dtype=fdtype, device=dev)  # (C, V) log-probs, then probs
+    loss = torch.zeros((), dtype=torch.float64, device=dev)
+    with torch.no_grad():
+        for c0 in range(0, N, chunk_size):
+            c1 = min(c0 + chunk_size, N)
+            rows = torch.arange(c1 - c0, device=dev)
+            z = torch.mm(h[c0:c1].to(mm.dtype), mm.T, out=z_buf[:c1 - c0])  # (C, V)
+            logp = torch.log_softmax(z, dim=-1, dtype=fdtype, out=p_buf[:c1 - c0])  # (C, V)
+            loss -= logp[rows, y[c0:c1]].double().sum()
+            if not (want_h or want_W):
+                continue
+            dz = logp.exp_()  # (C, V) softmax, in place
+            dz[rows, y[c0:c1]] -= 1.0  # softmax - onehot; the 1/N is applied on the (C, H) side below
+            dz = z.copy_(dz)  # into the matmul dtype, over the logits (no longer needed)
+            if want_h:  # (C, H)
+                grad_h[c0:c1] = (dz @ mm).to(fdtype) * inv_n
+            if want_W:  # (V, H) += dz^T (h / N)
+                grad_W.add(dz, (h[c0:c1].to(fdtype) * inv_n).to(mm.dtype))
+    loss = (loss * inv_n).to(fdtype)
+    if not (want_h or want_W):
+        return loss
+    return _attach_grads(loss, hidden, W, idx, grad_h, grad_W.result() if want_W else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

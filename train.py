@@ -155,10 +155,11 @@ class Config:
     """opsd/dasd: the divergence on the teacher's top-k vocabulary entries, both sides renormalized over
     them (OPSD's top_k_loss); None = the full vocabulary. DASD's router keeps the full-vocabulary entropy."""
     chunk_size: int = -1
-    """opsd/dasd: >0 computes the loss from hidden states in chunks of this many tokens, never holding the
-    full (T, V) logits (losses.chunked_distill_loss; use it for large vocabularies such as Qwen3's 151,936);
-    0 = the plain loss on full logits; -1 (auto) = 256 on a CPU without --fsdp, where bench/step_time.py
-    measured the student step at 0.6x the plain path's, and 0 elsewhere (a resume keeps the run's value)."""
+    """opsd/dasd/sft: >0 computes the loss from hidden states in chunks of this many tokens, never holding the
+    full (T, V) logits (losses.chunked_distill_loss / chunked_nll_loss; use it for large vocabularies such as
+    Qwen3's 151,936); 0 = the plain loss on full logits; -1 (auto) = 256 for these methods on a CPU without
+    --fsdp, where bench/step_time.py measures the student step well below the plain path's, and 0 elsewhere
+    (a resume keeps the run's value)."""
 
     # --- exposure controller (ATESD; see exposure.py for the defaults' reasons)
     hold: typing.Optional[int] = None
@@ -185,6 +186,9 @@ class Config:
     """Linear learning-rate warm-up steps (constant afterwards)."""
     grad_clip: float = 1.0
     """Clip of the global gradient norm (0 disables)."""
+    fused_adamw: bool = True
+    """AdamW's fused kernel (one pass over all parameters; torch's default on a CPU is a loop over them, 4.5x
+    slower for the 135M model in bench/step_time.py). The same update to rounding; off under --fsdp."""
 
     # --- systems
     rollout: str = "auto"
@@ -404,7 +408,8 @@ def setup(cfg):
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                                fused=(cfg.fused_adamw and not cfg.fsdp) or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     expo_kw = {k: getattr(cfg, k) for k in ("hold", "lookahead", "gamma", "lambda_gt", "batch_decisions")
                if getattr(cfg, k) is not None}
@@ -449,15 +454,15 @@ def check_resume_config(cfg, saved, ckpt_dir):
 
 
 def choose_chunk_size(cfg, device, resume_state):
-    """--chunk_size -1 (auto) -> 256 for opsd/dasd on a CPU without FSDP, else 0. The chunked path computes the
-    logits' gradient by hand (losses.py note 9) and skips autograd's (B, T, V) graph, which on a CPU costs more
+    """--chunk_size -1 (auto) -> 256 for opsd/dasd/sft on a CPU without FSDP, else 0. The chunked path computes
+    the logits' gradient by hand (losses.py note 9) and skips autograd's (B, T, V) graph, which on a CPU costs more
     than the model's own backward; on a GPU the plain path is kept (the chunked one is for memory there). A
     resumed run keeps the path it was started with: the two agree to rounding, not bit for bit."""
     if cfg.chunk_size >= 0:
         return cfg.chunk_size
     if resume_state is not None and resume_state["config"].get("chunk_size", -1) >= 0:
         return resume_state["config"]["chunk_size"]
-    return 256 if device.type == "cpu" and cfg.method in ("opsd", "dasd") and not cfg.fsdp else 0
+    return 256 if device.type == "cpu" and cfg.method in ("opsd", "dasd", "sft") and not cfg.fsdp else 0
 
 
 def choose_dtype(cfg, device, ddp, resume_state):
@@ -632,14 +637,22 @@ def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autoca
     s_prompts = [b["student_prompt"] for b in mb]
     responses = [b["response"] for b in mb]
 
+    # lm_head matmuls of the chunked losses in bf16 under --dtype bfloat16, as autocast runs every other matmul
+    # (the chunked losses are called outside autocast, on the fp32 master weight)
+    mm_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+
     if cfg.method == "sft":  # baseline: NLL of the reference solution, no teacher
-        with autocast():
-            logits, mask = teacherlib.response_forward(student, s_prompts, responses)  # (B,T,V), (B,T)
-        logp = torch.log_softmax(logits.float(), -1)
-        tgt = response_targets(responses, logits.shape[1], logits.device)
-        nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B,T)
+        with autocast():  # (B,T,V) logits, or with --chunk_size the (B,T,H) hidden states; (B,T)
+            out, mask = teacherlib.response_forward(student, s_prompts, responses, hidden=cfg.chunk_size > 0)
+        tgt = response_targets(responses, out.shape[1], out.device)
         n = mask.sum()
-        loss = (nll * mask).sum() / n.clamp(min=1)
+        if cfg.chunk_size > 0:
+            loss = losses.chunked_nll_loss(out.float(), lm_head.weight, tgt, mask, chunk_size=cfg.chunk_size,
+                                           matmul_dtype=mm_dtype)
+        else:
+            logp = torch.log_softmax(out.float(), -1)
+            nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B,T)
+            loss = (nll * mask).sum() / n.clamp(min=1)
         return loss, n.item(), {"loss/sft_nll": loss.item()}
 
     # teacher: the same network (or its frozen/EMA copy) shown x + the revealed part of y*
@@ -659,13 +672,14 @@ def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autoca
     if cfg.method in ("opsd", "dasd") and cfg.chunk_size > 0:
         # hidden states in, loss out: at most chunk_size x V logits alive at a time
         kw = dict(method=cfg.method, chunk_size=cfg.chunk_size, beta=cfg.beta, clip=cfg.clip or None,
-                  temperature=cfg.temperature, topk=cfg.topk)
+                  temperature=cfg.temperature, topk=cfg.topk, matmul_dtype=mm_dtype)
         if cfg.method == "dasd":
             kw.update(dasd_kwargs(cfg))
         t_head = teacher_model.get_output_embeddings().weight.detach()  # the teacher's own lm_head
         loss, metrics = losses.chunked_distill_loss(s_out.float(), lm_head.weight, t_out.float(), t_head, mask, **kw)
         if cfg.exposure == "atesd":  # the controller's state features, from the hidden states chunk by chunk
-            extra = student_confidence(s_out.float(), responses, mask, cfg.temperature, lm_head.weight,
+            extra = student_confidence(s_out.float(), responses, mask, cfg.temperature,
+                                       lm_head.weight.detach().to(mm_dtype or lm_head.weight.dtype),
                                        rows_per_pass=cfg.chunk_size)
             metrics.update({k: v / max(n.item(), 1.0) for k, v in extra.items()})
         return loss, n.item(), metrics

@@ -9,7 +9,12 @@ Measured in one run, side by side:
      states), the model's forward + backward alone, optimizer step; each phase's seconds, and for the
      forward/backward phases the achieved FLOP rate as a fraction of (1);
   3. the step's limit: the time the rollout, teacher and student phases would take at the measured peaks,
-     next to their measured time.
+     next to their measured time (the student phase on the loss path train.py takes by default: chunked with
+     --chunk_size > 0 here, as train.py's auto does on a CPU; the plain one with --chunk_size 0);
+  4. `make demo`'s own step (SFT: no rollout, no teacher; --sft_B reference solutions of the training split,
+     capped at --sft_T tokens, in micro-batches of --sft_micro, through train.microbatch_loss on the plain and
+     the chunked loss path, then the gradient clip and the fused AdamW step, as train.py runs them), measured and
+     beside its limit. The optimizer row of (2) shows torch's per-parameter AdamW loop beside the fused kernel.
 
 FLOP counts (per sequence of S = prompt + response tokens, T response tokens, n_layers L, width d):
   forward  = 2 * N_body * S  +  2 * L * S^2 * d  (causal attention: QK^T and AV, each S^2 d / 2 MACs)
@@ -28,6 +33,8 @@ The limit (a lower bound on the step's time on this machine, from two measured p
                   copy) or 4 in fp32
       bandwidth = 2 x 256 MiB / (time of one 256 MiB tensor copy: a read and a write of every byte)
   step limit    = compute limit + decode limit;  measured step = rollout + teacher forward + student fwd+bwd
+The SFT step's limit: its forward/backward FLOPs at the matmul rate, plus the AdamW update at the measured
+bandwidth (28 bytes per parameter: parameter, gradient and two moments read, three of them written).
 Decoding is taken as memory-bound: each step multiplies B rows by every weight matrix, 2 * N * B FLOPs, far
 below what the machine computes in the time it reads N weights at small B (the compute time of decoding is
 printed beside it to check). Left out of the limit: the KV-cache reads of decoding, the softmax / loss passes
@@ -52,6 +59,7 @@ import losses  # noqa: E402
 import model as modellib  # noqa: E402
 import rollout  # noqa: E402
 import teacher as teacherlib  # noqa: E402
+import train  # noqa: E402
 
 
 def matmul_rate(dtype):
@@ -93,7 +101,12 @@ def main():
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                     help="auto: the faster of the bf16 and fp32 matmul rates measured at the start")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--chunk_size", type=int, default=256, help="token rows per chunk of the chunked DASD loss row")
+    ap.add_argument("--chunk_size", type=int, default=256,
+                    help="token rows per chunk of the chunked DASD loss (train.py's CPU default); 0: the step "
+                         "limit's row uses the plain loss on full logits")
+    ap.add_argument("--sft_B", type=int, default=16, help="sequences of the SFT step (make demo: 16 prompts per step)")
+    ap.add_argument("--sft_T", type=int, default=96, help="cap on reference-solution tokens (make demo: 96)")
+    ap.add_argument("--sft_micro", type=int, default=8, help="micro-batch of the SFT step (make demo: 8)")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -155,9 +168,11 @@ def main():
         with autocast():
             h_s, mask = teacherlib.response_forward(student, s_prompts, responses, hidden=True)
         W_t = teacher_model.get_output_embeddings().weight.detach()
-        # as in train.py: outside autocast, on the fp32 master weight of the lm_head
+        # as in train.py: outside autocast, on the fp32 master weight of the lm_head, its matmuls in bf16 when the
+        # model's are (matmul_dtype)
         loss, _ = losses.chunked_distill_loss(h_s.float(), student.get_output_embeddings().weight, t_hid[0].float(),
-                                              W_t, mask, method="dasd", chunk_size=args.chunk_size)
+                                              W_t, mask, method="dasd", chunk_size=args.chunk_size,
+                                              matmul_dtype=torch.bfloat16 if bf16 else None)
         loss.backward()
         return loss
 
@@ -173,8 +188,12 @@ def main():
     t_model, _ = timed(student_fwd_bwd_model_only, args.reps)
     t_hid = teacher_hidden()
     t_chunked, _ = timed(student_fwd_bwd_chunked, args.reps)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-7)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-7)  # torch's default on a CPU: a loop over parameters
     t_opt, _ = timed(opt.step, args.reps)
+    del opt
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-7, fused=True)  # train.py --fused_adamw (the default)
+    t_opt_fused, _ = timed(opt.step, args.reps)
+    del opt
 
     f_teacher = forward_flops(cfg, n_body, [len(p) + args.T for p in t_prompts], [args.T] * args.B)
     f_student = 3 * forward_flops(cfg, n_body, [len(p) + args.T for p in s_prompts], [args.T] * args.B)
@@ -191,7 +210,8 @@ def main():
         print(f"{name:34s} {sec:8.2f} {fl / 1e9:8.1f} {fl / sec / 1e9:8.1f} {fl / sec / ref:8.1%}")
     print(f"the DASD loss's cost above the model's own forward/backward: plain {t_student - t_model:+.2f} s, "
           f"chunked {t_chunked - t_model:+.2f} s (chunked / plain step: {t_chunked / t_student:.2f}x)")
-    print(f"{'optimizer step (AdamW fp32)':34s} {t_opt:8.2f}")
+    print(f"{'optimizer step (AdamW fp32, loop)':34s} {t_opt:8.2f}")
+    print(f"{'optimizer step (AdamW fp32, fused)':34s} {t_opt_fused:8.2f}   ({t_opt_fused / t_opt:.2f}x the loop)")
     print(f"targets: student fwd+bwd >= 35% of peak, teacher forward >= 45% of peak "
           f"(peak = measured {args.dtype} matmul rate)")
 
@@ -201,18 +221,67 @@ def main():
     lim_roll = n_decode * w_bytes / bandwidth
     lim_teacher, lim_student = f_teacher / ref, f_student / ref
     decode_compute = n_decode * 2 * n_params * args.B / ref  # the decoding matmuls at the peak rate
-    measured = t_roll + t_teacher + t_student
+    t_default = t_chunked if args.chunk_size > 0 else t_student  # the student step train.py takes on a CPU
+    loss_name = f"chunked DASD, C={args.chunk_size}" if args.chunk_size > 0 else "DASD on full logits"
+    measured = t_roll + t_teacher + t_default
     limit = lim_roll + lim_teacher + lim_student
     print(f"\nlimit (compute at {ref / 1e9:.0f} GFLOP/s {args.dtype}, decoding at {bandwidth / 1e9:.1f} GB/s: "
           f"{n_decode} steps x {w_bytes / 2**20:.0f} MiB of weights)")
-    print(f"{'phase':34s} {'measured':>8s} {'limit':>8s} {'ratio':>8s}")
+    print(f"{'phase':40s} {'measured':>8s} {'limit':>8s} {'ratio':>8s}")
     for name, sec, lim in [("rollout (decode, memory-bound)", t_roll, lim_roll),
                            ("teacher forward", t_teacher, lim_teacher),
-                           ("student fwd+bwd (model + DASD loss)", t_student, lim_student),
+                           (f"student fwd+bwd ({loss_name})", t_default, lim_student),
                            ("step (the three above)", measured, limit)]:
-        print(f"{name:34s} {sec:8.2f} {lim:8.2f} {sec / lim:8.1f}x")
+        print(f"{name:40s} {sec:8.2f} {lim:8.2f} {sec / lim:8.1f}x")
     print(f"(decoding's matmuls at the peak rate would take {decode_compute:.2f} s: "
           f"{'below' if decode_compute < lim_roll else 'ABOVE'} the memory term; the optimizer step is not in the limit)")
+
+    sft_step(args, student, tok, n_body, n_params, ref, bandwidth, autocast)
+
+
+def sft_step(args, student, tok, n_body, n_params, ref, bandwidth, autocast):
+    """make demo's step: train.py --method sft on --sft_B reference solutions, measured against its limit."""
+    cfg = train.parse_config(["--method", "sft", "--max_new_tokens", str(args.sft_T),
+                              "--micro_batch", str(args.sft_micro), "--dtype", args.dtype])
+    cfg_chunked = train.parse_config(["--method", "sft", "--max_new_tokens", str(args.sft_T), "--micro_batch",
+                                      str(args.sft_micro), "--dtype", args.dtype, "--chunk_size", str(args.chunk_size)])
+    cfg.chunk_size = 0  # the plain loss on full logits
+    rows = data.embedded_split("train")[: args.sft_B]
+    batch = []
+    for r in rows:  # as train.sample_batch builds SFT's batch: the solution's tokens + end of sequence, capped
+        resp = tok(r["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        batch.append({"student_prompt": teacherlib.student_prompt_ids(tok, r["problem"]),
+                      "response": resp[: args.sft_T]})
+    n_tok = sum(len(b["response"]) for b in batch)
+    lm_head = student.get_output_embeddings()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-7, fused=True)  # as train.py builds it
+
+    def fwd_bwd(c):  # train.train_on_batch's loop: token-mean weights per micro-batch, one backward each
+        opt.zero_grad(set_to_none=True)
+        for mb in train.chunks(batch, args.sft_micro):
+            loss, n_mb, _ = train.microbatch_loss(c, student, None, lm_head, tok, mb, 1.0, autocast)
+            (loss * (n_mb / n_tok)).backward()
+
+    def update():
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+
+    t_plain, _ = timed(lambda: fwd_bwd(cfg), args.reps)
+    t_fb, _ = timed(lambda: fwd_bwd(cfg_chunked), args.reps)  # train.py's CPU default with --chunk_size > 0
+    t_up, _ = timed(update, args.reps)
+    f_fb = 3 * forward_flops(student.config, n_body, [len(b["student_prompt"]) + len(b["response"]) for b in batch],
+                             [len(b["response"]) for b in batch])
+    lim_fb, lim_up = f_fb / ref, 28 * n_params / bandwidth
+    print(f"\nmake demo's step (SFT): {args.sft_B} reference solutions, {n_tok} response tokens, mean prompt "
+          f"{sum(len(b['student_prompt']) for b in batch) / len(batch):.0f} tokens, micro-batch {args.sft_micro}")
+    print(f"{'phase':40s} {'measured':>8s} {'limit':>8s} {'ratio':>8s}")
+    for name, sec, lim in [("forward + backward, NLL on full logits", t_plain, lim_fb),
+                           (f"forward + backward, chunked NLL, C={args.chunk_size}", t_fb, lim_fb),
+                           ("gradient clip + fused AdamW update", t_up, lim_up),
+                           ("step (chunked NLL + update)", t_fb + t_up, lim_fb + lim_up)]:
+        print(f"{name:40s} {sec:8.2f} {lim:8.2f} {sec / lim:8.1f}x")
+    print(f"forward + backward at {f_fb / t_fb / 1e9:.0f} GFLOP/s, {f_fb / t_fb / ref:.0%} of the measured peak; "
+          f"target: the demo step <= 2x its limit")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import losses
-from losses import (chunked_distill_loss, dasd_loss, dasd_token_advantages, dasd_token_loss, divergence,
+from losses import (chunked_distill_loss, chunked_nll_loss, dasd_loss, dasd_token_advantages, dasd_token_loss, divergence,
                     entropy_gate, grpo_advantages, opsd_loss, policy_gradient_loss, sampled_logprobs)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -562,6 +562,86 @@ def test_chunked_float32_hidden_with_bf16_weights():
     assert h_s.grad.dtype == torch.float32 and W16.grad.dtype == torch.bfloat16
     ref, _ = dasd_loss(h_s.detach().bfloat16() @ W16.detach().T, h_t.bfloat16() @ W_t.bfloat16().T, mask)
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["opsd", "dasd"])
+def test_chunked_bf16_matmuls_over_float32_weights(method):
+    # train.py --dtype bfloat16 keeps fp32 master weights and asks for bf16 lm_head matmuls (matmul_dtype).
+    h_s, W_s, h_t, W_t, mask = chunk_setup(torch.float32, T=9, H=16, V=200)
+    # 1. One chunk: exactly the path of weights stored in bf16 (same bf16 operands, same matmuls), with the
+    #    gradients returned in the weights' own dtype, float32.
+    W_s.requires_grad_(True)
+    loss_a, m_a = chunked_distill_loss(h_s, W_s, h_t, W_t, mask, method=method, chunk_size=64,
+                                       matmul_dtype=torch.bfloat16)
+    (gW_a,) = torch.autograd.grad(loss_a, (W_s,))
+    W16 = W_s.detach().bfloat16().requires_grad_(True)
+    loss_b, m_b = chunked_distill_loss(h_s, W16, h_t, W_t.bfloat16(), mask, method=method, chunk_size=64)
+    (gW_b,) = torch.autograd.grad(loss_b, (W16,))
+    assert gW_a.dtype == torch.float32
+    assert loss_a.item() == loss_b.item()
+    assert torch.equal(gW_a, gW_b.float())
+    # 2. Many chunks, a teacher that shares the student's lm_head (a live teacher): close to the plain loss on
+    #    the logits autocast gives (what train.py computes with --chunk_size 0), and away from the float32 result
+    #    by no more than bf16 rounding.
+    h_t = torch.randn(h_s.shape, generator=torch.Generator().manual_seed(3))
+    h_s.requires_grad_(True)
+    loss_c, _ = chunked_distill_loss(h_s, W_s, h_t, W_s, mask, method=method, chunk_size=4, math_rows=3,
+                                     matmul_dtype=torch.bfloat16)
+    g_c = torch.autograd.grad(loss_c, (h_s, W_s))
+    fn = opsd_loss if method == "opsd" else dasd_loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_s = torch.nn.functional.linear(h_s, W_s)
+        z_t = torch.nn.functional.linear(h_t, W_s.detach())
+    assert z_s.dtype == torch.bfloat16
+    loss_p, _ = fn(z_s, z_t, mask)
+    g_p = torch.autograd.grad(loss_p, (h_s, W_s))
+    torch.testing.assert_close(loss_c, loss_p, rtol=2e-3, atol=1e-4)
+    for a, b in zip(g_c, g_p):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() <= 3e-2 * b.norm()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_chunked_nll_equals_cross_entropy_float64(chunk_size):
+    # SFT's chunked loss against torch's cross_entropy on the full logits (padding rows left out), with the
+    # gradients of both inputs from autograd through cross_entropy
+    h, W, _, _, mask = chunk_setup(torch.float64, V=29)
+    tgt = torch.randint(0, 29, mask.shape, generator=torch.Generator().manual_seed(5))
+    h.requires_grad_(True)
+    W.requires_grad_(True)
+    keep = mask.bool()
+    ref = torch.nn.functional.cross_entropy((h @ W.T)[keep], tgt[keep], reduction="sum") / keep.sum()
+    g_ref = torch.autograd.grad(ref, (h, W))
+    loss = chunked_nll_loss(h, W, tgt, mask, chunk_size=chunk_size)
+    g = torch.autograd.grad(loss, (h, W))
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert (g[0][~keep] == 0).all()  # padding rows get no gradient
+    # no gradient wanted, or no valid token: a plain value, and zero gradients
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_nll_loss(h, W, tgt, mask, chunk_size=chunk_size), ref.detach())
+    empty = chunked_nll_loss(h, W, tgt, torch.zeros_like(mask), chunk_size=chunk_size)
+    assert empty.item() == 0.0 and all((x == 0).all() for x in torch.autograd.grad(empty, (h, W)))
+
+
+def test_chunked_nll_bf16_matmuls_close_to_autocast():
+    # train.py --method sft --dtype bfloat16: the chunked loss with bf16 lm_head matmuls against the plain path
+    # (autocast logits, float32 log-softmax), gradients in the fp32 weights' dtype
+    h, W, _, _, mask = chunk_setup(torch.float32, T=9, H=16, V=200)
+    tgt = torch.randint(0, 200, mask.shape, generator=torch.Generator().manual_seed(6))
+    h.requires_grad_(True)
+    W.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = torch.nn.functional.linear(h, W)
+    logp = torch.log_softmax(z.float(), -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    ref = -(logp * mask).sum() / mask.sum()
+    g_ref = torch.autograd.grad(ref, (h, W))
+    loss = chunked_nll_loss(h, W, tgt, mask, chunk_size=4, matmul_dtype=torch.bfloat16)
+    g = torch.autograd.grad(loss, (h, W))
+    torch.testing.assert_close(loss, ref, rtol=2e-3, atol=1e-4)
+    for a, b in zip(g, g_ref):
+        assert a.dtype == torch.float32 and (a - b).norm() <= 3e-2 * b.norm()
 
 
 # ----------------------------------------------------------------------------------------------------------------

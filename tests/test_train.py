@@ -63,7 +63,10 @@ def weights(folder):
 @pytest.mark.parametrize("method,expo,flags", [
     ("opsd", "full", []), ("dasd", "atesd", []), ("dasd_adv", "random", []), ("grpo", "full", []), ("sft", "full", []),
     ("opsd", "fixed", ["--topk", "20"]), ("dasd", "random", ["--topk", "20", "--chunk_size", "8"]),
-    pytest.param("dasd", "atesd", ["--lora_r", "8", "--teacher", "ema", "--chunk_size", "8"], id="dasd-atesd-lora"),
+    # the chunked loss's bf16 lm_head matmuls over fp32 master weights, on any CPU; and its fp32 ones
+    pytest.param("dasd", "atesd", ["--lora_r", "8", "--teacher", "ema", "--chunk_size", "8", "--dtype", "bfloat16"],
+                 id="dasd-atesd-lora-bf16"),
+    pytest.param("opsd", "full", ["--chunk_size", "8", "--dtype", "float32"], id="opsd-chunked-fp32"),
 ])
 def test_each_method_and_exposure_runs(tmp_path, embedded_dir, method, expo, flags):
     extra = ["--samples_per_prompt", "2"] if method in ("grpo", "dasd_adv") else []
@@ -365,16 +368,16 @@ def test_dtype_auto_takes_the_faster_matmul_and_a_resume_keeps_its_dtype(monkeyp
     assert train.choose_dtype(cfg, torch.device("cpu"), False, None) == "bfloat16"
 
 
-def test_chunk_size_auto_chunks_the_distillation_loss_on_a_cpu_only():
+def test_chunk_size_auto_chunks_the_distillation_and_sft_losses_on_a_cpu_only():
     import train
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     pick = lambda *flags, device=cpu, resume=None: train.choose_chunk_size(train.parse_config(list(flags)), device,
                                                                           resume)
-    assert pick("--method", "dasd") == 256 and pick("--method", "opsd") == 256
+    assert pick("--method", "dasd") == 256 and pick("--method", "opsd") == 256 and pick("--method", "sft") == 256
     assert pick("--method", "dasd", device=gpu) == 0  # the plain path on a GPU
     assert pick("--method", "dasd", "--fsdp") == 0  # FSDP2 shards the lm_head the chunked loss multiplies by
-    assert pick("--method", "sft") == 0 and pick("--method", "grpo", "--samples_per_prompt", "2") == 0
+    assert pick("--method", "sft", device=gpu) == 0 and pick("--method", "grpo", "--samples_per_prompt", "2") == 0
     assert pick("--method", "dasd", "--chunk_size", "0") == 0 and pick("--method", "opsd", "--chunk_size", "8") == 8
     # a resumed run keeps the path it started with
     assert pick("--method", "dasd", resume={"config": {"chunk_size": 0}}) == 0
