@@ -127,6 +127,9 @@ class Config:
     """G, rollouts per problem (OPSD uses 1; GRPO needs >= 2)."""
     micro_batch: int = 8
     """Sequences per forward/backward on one rank (gradient accumulation above this)."""
+    group_by_length: bool = True
+    """With more than one micro-batch, fill them in order of response length (then prompt length), so each pads
+    to lengths close to its own; the loss is a token mean over the whole batch, so only rounding changes."""
     max_new_tokens: int = 128
     """Response length cap; longer responses are cut and marked truncated."""
     temperature: float = 1.0
@@ -753,6 +756,15 @@ def chunks(xs, n):
     return [xs[i: i + n] for i in range(0, len(xs), n)]
 
 
+def micro_batches(batch, size, group_by_length):
+    """The batch split into forward/backward passes of at most `size` sequences. A pass pads every row to its
+    longest prompt plus its longest response (teacher.response_forward), so grouping similar lengths cuts the
+    padding's compute; one pass (len(batch) <= size) is left in the batch's own order."""
+    if group_by_length and len(batch) > size:
+        batch = sorted(batch, key=lambda b: (len(b["response"]), len(b["student_prompt"])))
+    return chunks(batch, size)
+
+
 # -----------------------------------------------------------------------------------------------
 # Step 4. Update: gradient of the global-batch token mean, clip, non-finite guard, one optimizer step.
 
@@ -770,7 +782,7 @@ def train_on_batch(run, batch, alpha, step):
     n_global = all_reduce_sum({"n": n_local}, run.device, run.ddp)["n"]
     run.opt.zero_grad(set_to_none=True)
     sums = {}
-    mbs = chunks(batch, cfg.micro_batch)
+    mbs = micro_batches(batch, cfg.micro_batch, cfg.group_by_length)
     for i, mb in enumerate(mbs):
         # DDP all-reduces gradients on the last backward only
         sync = (not run.ddp) or cfg.fsdp or i == len(mbs) - 1

@@ -13,8 +13,9 @@ Measured in one run, side by side:
      --chunk_size > 0 here, as train.py's auto does on a CPU; the plain one with --chunk_size 0);
   4. `make demo`'s own step (SFT: no rollout, no teacher; --sft_B reference solutions of the training split,
      capped at --sft_T tokens, in micro-batches of --sft_micro, through train.microbatch_loss on the plain and
-     the chunked loss path, then the gradient clip and the fused AdamW step, as train.py runs them), measured and
-     beside its limit. The optimizer row of (2) shows torch's per-parameter AdamW loop beside the fused kernel.
+     the chunked loss path, in the batch's order and grouped by length, then the gradient clip and the fused
+     AdamW step, as train.py runs them), measured and beside its limit. The optimizer row of (2) shows torch's
+     per-parameter AdamW loop beside the fused kernel.
 
 FLOP counts (per sequence of S = prompt + response tokens, T response tokens, n_layers L, width d):
   forward  = 2 * N_body * S  +  2 * L * S^2 * d  (causal attention: QK^T and AV, each S^2 d / 2 MACs)
@@ -256,9 +257,9 @@ def sft_step(args, student, tok, n_body, n_params, ref, bandwidth, autocast):
     lm_head = student.get_output_embeddings()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-7, fused=True)  # as train.py builds it
 
-    def fwd_bwd(c):  # train.train_on_batch's loop: token-mean weights per micro-batch, one backward each
+    def fwd_bwd(c, grouped):  # train.train_on_batch's loop: token-mean weights per micro-batch, one backward each
         opt.zero_grad(set_to_none=True)
-        for mb in train.chunks(batch, args.sft_micro):
+        for mb in train.micro_batches(batch, args.sft_micro, grouped):
             loss, n_mb, _ = train.microbatch_loss(c, student, None, lm_head, tok, mb, 1.0, autocast)
             (loss * (n_mb / n_tok)).backward()
 
@@ -266,8 +267,9 @@ def sft_step(args, student, tok, n_body, n_params, ref, bandwidth, autocast):
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
 
-    t_plain, _ = timed(lambda: fwd_bwd(cfg), args.reps)
-    t_fb, _ = timed(lambda: fwd_bwd(cfg_chunked), args.reps)  # train.py's CPU default with --chunk_size > 0
+    t_plain, _ = timed(lambda: fwd_bwd(cfg, False), args.reps)
+    t_chunk, _ = timed(lambda: fwd_bwd(cfg_chunked, False), args.reps)
+    t_fb, _ = timed(lambda: fwd_bwd(cfg_chunked, True), args.reps)  # train.py's CPU defaults (--chunk_size > 0)
     t_up, _ = timed(update, args.reps)
     f_fb = 3 * forward_flops(student.config, n_body, [len(b["student_prompt"]) + len(b["response"]) for b in batch],
                              [len(b["response"]) for b in batch])
@@ -276,9 +278,10 @@ def sft_step(args, student, tok, n_body, n_params, ref, bandwidth, autocast):
           f"{sum(len(b['student_prompt']) for b in batch) / len(batch):.0f} tokens, micro-batch {args.sft_micro}")
     print(f"{'phase':40s} {'measured':>8s} {'limit':>8s} {'ratio':>8s}")
     for name, sec, lim in [("forward + backward, NLL on full logits", t_plain, lim_fb),
-                           (f"forward + backward, chunked NLL, C={args.chunk_size}", t_fb, lim_fb),
+                           (f"  ... chunked NLL, C={args.chunk_size}", t_chunk, lim_fb),
+                           ("  ... chunked, grouped by length", t_fb, lim_fb),
                            ("gradient clip + fused AdamW update", t_up, lim_up),
-                           ("step (chunked NLL + update)", t_fb + t_up, lim_fb + lim_up)]:
+                           ("step (chunked, grouped, update)", t_fb + t_up, lim_fb + lim_up)]:
         print(f"{name:40s} {sec:8.2f} {lim:8.2f} {sec / lim:8.1f}x")
     print(f"forward + backward at {f_fb / t_fb / 1e9:.0f} GFLOP/s, {f_fb / t_fb / ref:.0%} of the measured peak; "
           f"target: the demo step <= 2x its limit")

@@ -29,7 +29,8 @@ import evaluate  # noqa: E402
 
 BASE = ["--model", "embedded", "--steps", "8", "--prompts_per_step", "8", "--micro_batch", "8",
         "--dtype", "bfloat16", "--max_new_tokens", "96", "--rollout", "vllm", "--seed", "0", "--clip", "none",
-        "--chunk_size", "0", "--fused_adamw", "false"]  # the loss path and the optimizer the committed runs used
+        # the loss path, the optimizer and the micro-batches the committed runs used
+        "--chunk_size", "0", "--fused_adamw", "false", "--group_by_length", "false"]
 # run -> (what it changes against the first, its flags)
 RUNS = {
     "opsd_fkl_lr1e-5": ("reference: OPSD, forward KL", ["--method", "opsd", "--exposure", "full", "--beta", "0",

@@ -405,6 +405,31 @@ def test_resume_refuses_a_flag_that_changes_the_trained_network(tmp_path):
     assert "--lora_r 8 (checkpoint: 16)" in msg and "--lora_alpha 16.0 (checkpoint: 32.0)" in msg
 
 
+def test_micro_batches_group_by_length_partition_the_batch_and_pad_less():
+    import random
+
+    import train
+
+    rng = random.Random(0)
+    batch = [{"student_prompt": [1] * rng.randint(5, 40), "response": [2] * rng.randint(1, 90), "id": i}
+             for i in range(21)]
+
+    def padded(mbs):  # tokens a pass computes: every row padded to its longest prompt + longest response
+        return sum(len(mb) * (max(len(b["student_prompt"]) for b in mb) + max(len(b["response"]) for b in mb))
+                   for mb in mbs)
+
+    plain = train.micro_batches(batch, 8, group_by_length=False)
+    grouped = train.micro_batches(batch, 8, group_by_length=True)
+    assert [len(mb) for mb in grouped] == [len(mb) for mb in plain] == [8, 8, 5]
+    assert [b["id"] for mb in plain for b in mb] == list(range(21))  # off: the batch's own order
+    assert sorted(b["id"] for mb in grouped for b in mb) == list(range(21))  # every sequence exactly once
+    lens = [len(b["response"]) for mb in grouped for b in mb]
+    assert lens == sorted(lens)
+    assert padded(grouped) < padded(plain)
+    # one pass: the order is kept whatever the flag
+    assert train.micro_batches(batch[:8], 8, group_by_length=True) == [batch[:8]]
+
+
 def test_student_confidence_from_hidden_states_equals_a_per_token_loop():
     """The ATESD state features (the student's NLL of its own tokens, its top-1 probability), from logits and from
     the chunked path's hidden states, against a plain loop over tokens with math.log / math.exp."""
