@@ -724,8 +724,8 @@ def chunked_nll_loss(hidden, lm_head_weight, targets, mask, *, chunk_size=256, m
     (B, T) token ids; mask: (B, T). matmul_dtype as in chunked_distill_loss. Returns the loss (float32 for float32
     or bf16 weights); gradients reach hidden and lm_head_weight. The gradient of the logits is written by hand,
         dL/dz_t = (softmax(z_t) - onehot(y_t)) / N,
-    the softmax taken in place of the log-probs the loss reads, so a chunk costs one (C, V) float buffer and a
-    few passes over it instead of autograd's (B, T, V) graph.
+    the softmax taken in place of the log-probs the loss reads: two (C, V) buffers, allocated once, and a few
+    passes over them per chunk instead of autograd's (B, T, V) graph.
     """
     B, T, H = hidden.shape
     W = lm_head_weight
@@ -756,7 +756,8 @@ def chunked_nll_loss(hidden, lm_head_weight, targets, mask, *, chunk_size=256, m
                 continue
             dz = logp.exp_()  # (C, V) softmax, in place
             dz[rows, y[c0:c1]] -= 1.0  # softmax - onehot; the 1/N is applied on the (C, H) side below
-            dz = z.copy_(dz)  # into the matmul dtype, over the logits (no longer needed)
+            if dz.dtype != mm.dtype:
+                dz = z.copy_(dz)  # into the matmul dtype, over the logits (no longer needed)
             if want_h:  # (C, H)
                 grad_h[c0:c1] = (dz @ mm).to(fdtype) * inv_n
             if want_W:  # (V, H) += dz^T (h / N)
