@@ -18,6 +18,10 @@ Equations, per response position t (all sums over the vocabulary v):
     else     :  m = beta p_T + (1 - beta) p_S
                 D = beta KL(p_T || m) + (1 - beta) KL(p_S || m)                 (<= log 2 at beta = 0.5)
   OPSD per-entry clip at tau (0.05 in the paper): every summand s_v is replaced by min(s_v, tau) before the sum.
+    A clipped entry has no gradient. For beta = 0 the gradient on the student's logit z_u is then
+    -p_T(u) [s_u <= tau] + p_S(u) P_T(unclipped): when the clipped entry is the teacher's confident token, a
+    descent step lowers its student probability (the unclipped KL's p_S(u) - p_T(u) raises it). That happens
+    where p_S(u) < p_T(u) exp(-tau / p_T(u)), e.g. below 0.94 against a teacher at 0.99.
   OPSD loss:  L = sum_t mask_t D_t / sum_t mask_t                                 (token mean over the batch)
 
   Top-k support (topk = k, OPSD's top_k_loss; None = the full vocabulary):

@@ -120,6 +120,23 @@ def test_three_token_hand_computed():
     assert divergence(zs, zt, beta=0.5).item() < math.log(2)
 
 
+def test_clipped_top_entry_gets_a_gradient_away_from_the_teacher():
+    """The per-entry clip drops a summand's gradient once it exceeds tau. On a 3-token vocabulary with the
+    teacher sure of token 0 (p_T = 0.99, 0.005, 0.005) and the student less so (p_S = 0.8, 0.1, 0.1), token 0's
+    summand 0.99 log(0.99 / 0.8) = 0.211 > 0.05 is clipped, and the gradient of the rest with respect to the
+    student's logits is -p_T,u [u unclipped] + p_S,u P_T(unclipped), by hand: (+0.008, -0.004, -0.004). Its
+    sign on token 0 is the opposite of the unclipped forward KL's (p_S - p_T = (-0.19, +0.095, +0.095)): a
+    descent step lowers the student's probability of the token the teacher is sure of."""
+    p_s = torch.tensor([0.8, 0.1, 0.1], dtype=torch.float64)
+    p_t = torch.tensor([0.99, 0.005, 0.005], dtype=torch.float64)
+    clipped = [0.8 * 0.01, -0.005 + 0.1 * 0.01, -0.005 + 0.1 * 0.01]  # P_T(unclipped) = 0.01
+    for clip, by_hand in ((0.05, clipped), (None, (p_s - p_t).tolist())):
+        z = p_s.log().clone().requires_grad_(True)
+        divergence(z, p_t.log(), clip=clip).backward()
+        torch.testing.assert_close(z.grad, torch.tensor(by_hand, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert 0.99 * math.log(0.99 / 0.8) > 0.05  # token 0 is the clipped one
+
+
 def test_per_entry_clip_brute_force():
     zs, zt = logits_pair(B=2, T=4, V=6, seed=3, dtype=torch.float64)
     for beta in (0.0, 0.5, 1.0):

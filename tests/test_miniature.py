@@ -268,3 +268,47 @@ def test_one_start_evaluation_per_build_and_seed(tmp_path):
         fake_report(str(runs / folder / "eval" / "report.json"), 50.0 * sum(acc), 0.0, 0.0, 50, per_problem=acc)
         miniature.write_json(str(runs / folder / "start.json"), {"start": "m", "weights_sha256": "x"})
     assert miniature.start_evals(str(runs)) == {"x": [(0, 50.0, [1.0, 0.0]), (1, 50.0, [0.5, 0.5])]}
+
+
+def test_variant_reruns_the_miniature_with_one_flag_changed_and_pairs_within_a_build(tmp_path, monkeypatch):
+    """experiments/variant.py: the miniature's budget, lr and exposure are read back; the extra flag is the only
+    change in the train.py config; the pair with the miniature's unit exists only when both share a build."""
+    import numpy as np
+
+    import variant
+
+    args = args_for(tmp_path, "--steps", "5", "--k", "2")
+    miniature.check_budget(args)  # writes config.json
+    miniature.write_json(os.path.join(args.out, "lr_selection.json"), {"chosen": 3e-5})
+    miniature.write_json(os.path.join(args.out, "alpha_selection.json"), {"chosen": 0.25})
+    got = variant.miniature_args(args.out)
+    assert (got.steps, got.k, got.lr, got.fixed_alpha) == (5, 2, 3e-5, 0.25)
+    cmds = []
+    monkeypatch.setattr(miniature, "run_logged", lambda cmd, log, env: cmds.append(cmd))
+    monkeypatch.setattr(miniature, "weights_fingerprint", lambda path: "abc")
+    folder = os.path.join(args.out, "variants", "opsd_fixed.clip_none", "seed0")
+    report = variant.run_variant_unit(got, "opsd_fixed", 0, ["--clip", "none"], folder, {})
+    assert [c[1] for c in cmds] == ["train.py", "evaluate.py"] and not os.path.exists(report)  # faked: no report
+    assert cmds[1][cmds[1].index("--model") + 1] == os.path.join(folder, "train", "final")
+    base = train.parse_config(miniature.train_cmd(got, "opsd_fixed", 0, 3e-5, "d.jsonl", "o")[2:])
+    cfg = train.parse_config(cmds[0][2:])
+    assert cfg.clip is None and base.clip == 0.05 and (cfg.alpha, cfg.lr, cfg.steps) == (0.25, 3e-5, 5)
+    changed = {k for k in vars(cfg) if getattr(cfg, k) != getattr(base, k)}
+    assert changed == {"clip", "out_dir", "data"}
+    # pairing: seed 0 shares build abc with the miniature's unit, seed 1 does not
+    runs = os.path.join(args.out, "runs")
+    acc = {"start": [0.5, 0.5, 0.0], "mini0": [0.0, 0.5, 0.0], "mini1": [1.0, 0.0, 0.0],
+           "var0": [0.5, 1.0, 0.0], "var1": [0.5, 0.5, 0.5]}
+    for unit, seed, key, build in (("base", 0, "start", "abc"), ("base", 1, "start", "abc"),
+                                   ("opsd_fixed", 0, "mini0", "abc"), ("opsd_fixed", 1, "mini1", "old"),
+                                   ("../variants/opsd_fixed.clip_none", 0, "var0", "abc"),
+                                   ("../variants/opsd_fixed.clip_none", 1, "var1", "abc")):
+        f = os.path.normpath(os.path.join(runs, unit, f"seed{seed}"))
+        fake_report(os.path.join(f, "eval", "report.json"), 100 * float(np.mean(acc[key])), 0.0, 0.0, 50,
+                    per_problem=acc[key])
+        miniature.write_json(os.path.join(f, "start.json"), {"start": "x", "weights_sha256": build})
+    rows = variant.compare(got, "opsd_fixed", [0, 1], os.path.join(args.out, "variants", "opsd_fixed.clip_none"))
+    assert rows[0]["vs_miniature"]["diff"] == pytest.approx(100 * np.mean([0.5, 0.5, 0.0]))
+    assert rows[0]["vs_start"]["diff"] == pytest.approx(100 * np.mean([0.0, 0.5, 0.0]))
+    assert "vs_miniature" not in rows[1] and rows[1]["miniature_build"] == "old"
+    assert rows[1]["vs_start"]["diff"] == pytest.approx(100 * np.mean([0.0, 0.0, 0.5]))
