@@ -98,8 +98,9 @@ def resolve(name_or_path=None):
     return name_or_path
 
 
-def load(name_or_path=None, *, dtype=torch.bfloat16, device="cpu", trust_remote_code=False):
-    """Returns (model, tokenizer). A missing local folder or unknown hub name is a clear error."""
+def load(name_or_path=None, *, dtype=torch.bfloat16, device="cpu", trust_remote_code=False, attn_implementation=None):
+    """Returns (model, tokenizer). A missing local folder or unknown hub name is a clear error.
+    attn_implementation: transformers' attention kernel ("sdpa", "eager", ...); None = its default (sdpa)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(name_or_path)
@@ -109,7 +110,8 @@ def load(name_or_path=None, *, dtype=torch.bfloat16, device="cpu", trust_remote_
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None,
+            attn_implementation=attn_implementation,
         )
     except OSError as e:
         raise FileNotFoundError(

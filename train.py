@@ -205,6 +205,11 @@ class Config:
     dtype: str = "auto"
     """bfloat16 (autocast, fp32 master weights) | float32 | auto (bfloat16 on GPU; on CPU the one whose
     matmuls are faster on this machine, measured at start; recorded in config.json)."""
+    attn: str = "auto"
+    """Attention kernel of the student and teacher (transformers' attn_implementation): sdpa | eager | auto
+    (eager on a CPU, where bench/step_time.py measures torch's flash-attention CPU kernel, mostly its backward,
+    slower than eager attention's matmuls at these sequence lengths; sdpa on a GPU). The same math to rounding;
+    a resume keeps the run's value."""
     fsdp: bool = False
     """Shard the student with FSDP2 (fully_shard) instead of DDP, for models that do not fit one device."""
     seed: int = 0
@@ -293,6 +298,8 @@ def check_config(cfg):
         errors.append("--temperature must be > 0 (on-policy distillation needs sampled rollouts)")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         errors.append(f"--dtype {cfg.dtype!r}: choose auto, bfloat16 or float32")
+    if cfg.attn not in ("auto", "sdpa", "eager"):
+        errors.append(f"--attn {cfg.attn!r}: choose auto, sdpa or eager")
     if cfg.chunk_size < -1:
         errors.append(f"--chunk_size {cfg.chunk_size}: use a positive chunk, 0 (plain loss) or -1 (auto)")
     if cfg.topk is not None and cfg.topk < 1:
@@ -401,6 +408,7 @@ def setup(cfg):
         check_resume_config(cfg, resume_state["config"], ckpt_dir)
     cfg.dtype = choose_dtype(cfg, device, ddp, resume_state)
     cfg.chunk_size = choose_chunk_size(cfg, device, resume_state)
+    cfg.attn = choose_attn(cfg, device, resume_state)
     start_path = modellib.resolve(cfg.model)
     student, tok, teacher_model = load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir)
     train_model = wrap_for_parallel(cfg, student, ddp, device)
@@ -468,6 +476,16 @@ def choose_chunk_size(cfg, device, resume_state):
     return 256 if device.type == "cpu" and cfg.method in ("opsd", "dasd", "sft") and not cfg.fsdp else 0
 
 
+def choose_attn(cfg, device, resume_state):
+    """--attn auto -> eager on a CPU, sdpa elsewhere; a resumed run keeps the kernel it was started with (the two
+    agree to rounding, not bit for bit)."""
+    if cfg.attn != "auto":
+        return cfg.attn
+    if resume_state is not None:  # a checkpoint from before this flag existed ran transformers' default, sdpa
+        return resume_state["config"].get("attn", "sdpa")
+    return "eager" if device.type == "cpu" else "sdpa"
+
+
 def choose_dtype(cfg, device, ddp, resume_state):
     """--dtype auto -> bfloat16 or float32 (model.pick_dtype). A resumed run keeps the dtype it was started
     with, and every rank takes rank 0's measurement, so the arithmetic never changes within a run."""
@@ -496,7 +514,7 @@ def load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir):
     try:
         # fp32 master weights (departure 5); bf16 matmuls come from autocast
         student, tok = modellib.load(start_path, dtype=torch.float32, device=device,
-                                     trust_remote_code=cfg.trust_remote_code)
+                                     trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn)
     except FileNotFoundError as e:
         raise SystemExit(f"train.py: {e}") from e
     if cfg.lora_r:

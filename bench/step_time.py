@@ -7,14 +7,16 @@ Measured in one run, side by side:
      rollout (HF generate, under autocast as in train.py), teacher forward (no grad), student forward +
      backward with the DASD loss (the plain path on (B, T, V) logits, and train.py --chunk_size's path on hidden
      states), the model's forward + backward alone, optimizer step; each phase's seconds, and for the
-     forward/backward phases the achieved FLOP rate as a fraction of (1);
+     forward/backward phases the achieved FLOP rate as a fraction of (1); the teacher forward and the chunked
+     student step again with eager attention (train.py --attn auto on a CPU) instead of torch's sdpa kernel;
   3. the step's limit: the time the rollout, teacher and student phases would take at the measured peaks,
      next to their measured time (the student phase on the loss path train.py takes by default: chunked with
      --chunk_size > 0 here, as train.py's auto does on a CPU; the plain one with --chunk_size 0);
   4. `make demo`'s own step (SFT: no rollout, no teacher; --sft_B reference solutions of the training split,
      capped at --sft_T tokens, in micro-batches of --sft_micro, through train.microbatch_loss on the plain and
-     the chunked loss path, in the batch's order and grouped by length, then the gradient clip and the fused
-     AdamW step, as train.py runs them), measured and beside its limit. The optimizer row of (2) shows torch's
+     the chunked loss path, in the batch's order and grouped by length, with sdpa and with eager attention, then
+     the gradient clip and the fused AdamW step, as train.py runs them), measured and beside its limit. The
+     optimizer row of (2) shows torch's
      per-parameter AdamW loop beside the fused kernel.
 
 FLOP counts (per sequence of S = prompt + response tokens, T response tokens, n_layers L, width d):
@@ -189,6 +191,9 @@ def main():
     t_model, _ = timed(student_fwd_bwd_model_only, args.reps)
     t_hid = teacher_hidden()
     t_chunked, _ = timed(student_fwd_bwd_chunked, args.reps)
+    set_attn([student, teacher_model], "eager")  # train.py --attn auto on a CPU: eager attention
+    t_teacher_eager, _ = timed(teacher_fwd, args.reps)
+    t_chunked_eager, _ = timed(student_fwd_bwd_chunked, args.reps)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-7)  # torch's default on a CPU: a loop over parameters
     t_opt, _ = timed(opt.step, args.reps)
     del opt
@@ -207,10 +212,14 @@ def main():
     for name, sec, fl in [("teacher forward", t_teacher, f_teacher),
                           ("student fwd+bwd (model + DASD loss)", t_student, f_student),
                           ("student fwd+bwd (model only)", t_model, f_student),
-                          (f"  ... + chunked DASD loss, C={args.chunk_size}", t_chunked, f_student)]:
+                          (f"  ... + chunked DASD loss, C={args.chunk_size}", t_chunked, f_student),
+                          ("teacher forward, eager attention", t_teacher_eager, f_teacher),
+                          ("  ... chunked DASD, eager attention", t_chunked_eager, f_student)]:
         print(f"{name:34s} {sec:8.2f} {fl / 1e9:8.1f} {fl / sec / 1e9:8.1f} {fl / sec / ref:8.1%}")
     print(f"the DASD loss's cost above the model's own forward/backward: plain {t_student - t_model:+.2f} s, "
           f"chunked {t_chunked - t_model:+.2f} s (chunked / plain step: {t_chunked / t_student:.2f}x)")
+    print(f"eager attention / sdpa: teacher forward {t_teacher_eager / t_teacher:.2f}x, chunked student "
+          f"fwd+bwd {t_chunked_eager / t_chunked:.2f}x")
     print(f"{'optimizer step (AdamW fp32, loop)':34s} {t_opt:8.2f}")
     print(f"{'optimizer step (AdamW fp32, fused)':34s} {t_opt_fused:8.2f}   ({t_opt_fused / t_opt:.2f}x the loop)")
     print(f"targets: student fwd+bwd >= 35% of peak, teacher forward >= 45% of peak "
@@ -222,15 +231,16 @@ def main():
     lim_roll = n_decode * w_bytes / bandwidth
     lim_teacher, lim_student = f_teacher / ref, f_student / ref
     decode_compute = n_decode * 2 * n_params * args.B / ref  # the decoding matmuls at the peak rate
-    t_default = t_chunked if args.chunk_size > 0 else t_student  # the student step train.py takes on a CPU
-    loss_name = f"chunked DASD, C={args.chunk_size}" if args.chunk_size > 0 else "DASD on full logits"
-    measured = t_roll + t_teacher + t_default
+    # the student step train.py takes on a CPU (--attn auto: eager; the plain loss's row stays on sdpa)
+    t_default = t_chunked_eager if args.chunk_size > 0 else t_student
+    loss_name = f"chunked DASD, C={args.chunk_size}, eager" if args.chunk_size > 0 else "DASD on full logits"
+    measured = t_roll + t_teacher_eager + t_default
     limit = lim_roll + lim_teacher + lim_student
     print(f"\nlimit (compute at {ref / 1e9:.0f} GFLOP/s {args.dtype}, decoding at {bandwidth / 1e9:.1f} GB/s: "
           f"{n_decode} steps x {w_bytes / 2**20:.0f} MiB of weights)")
     print(f"{'phase':40s} {'measured':>8s} {'limit':>8s} {'ratio':>8s}")
     for name, sec, lim in [("rollout (decode, memory-bound)", t_roll, lim_roll),
-                           ("teacher forward", t_teacher, lim_teacher),
+                           ("teacher forward (eager attention)", t_teacher_eager, lim_teacher),
                            (f"student fwd+bwd ({loss_name})", t_default, lim_student),
                            ("step (the three above)", measured, limit)]:
         print(f"{name:40s} {sec:8.2f} {lim:8.2f} {sec / lim:8.1f}x")
@@ -238,6 +248,12 @@ def main():
           f"{'below' if decode_compute < lim_roll else 'ABOVE'} the memory term; the optimizer step is not in the limit)")
 
     sft_step(args, student, tok, n_body, n_params, ref, bandwidth, autocast)
+
+
+def set_attn(models, kind):
+    """Switch transformers' attention kernel in place (train.py --attn; the weights are untouched)."""
+    for m in models:
+        m.set_attn_implementation(kind)
 
 
 def sft_step(args, student, tok, n_body, n_params, ref, bandwidth, autocast):
@@ -267,9 +283,12 @@ def sft_step(args, student, tok, n_body, n_params, ref, bandwidth, autocast):
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
 
+    set_attn([student], "sdpa")
     t_plain, _ = timed(lambda: fwd_bwd(cfg, False), args.reps)
     t_chunk, _ = timed(lambda: fwd_bwd(cfg_chunked, False), args.reps)
-    t_fb, _ = timed(lambda: fwd_bwd(cfg_chunked, True), args.reps)  # train.py's CPU defaults (--chunk_size > 0)
+    t_sdpa, _ = timed(lambda: fwd_bwd(cfg_chunked, True), args.reps)
+    set_attn([student], "eager")  # train.py's CPU defaults: --chunk_size > 0, grouped, --attn eager
+    t_fb, _ = timed(lambda: fwd_bwd(cfg_chunked, True), args.reps)
     t_up, _ = timed(update, args.reps)
     f_fb = 3 * forward_flops(student.config, n_body, [len(b["student_prompt"]) + len(b["response"]) for b in batch],
                              [len(b["response"]) for b in batch])
@@ -279,9 +298,10 @@ def sft_step(args, student, tok, n_body, n_params, ref, bandwidth, autocast):
     print(f"{'phase':40s} {'measured':>8s} {'limit':>8s} {'ratio':>8s}")
     for name, sec, lim in [("forward + backward, NLL on full logits", t_plain, lim_fb),
                            (f"  ... chunked NLL, C={args.chunk_size}", t_chunk, lim_fb),
-                           ("  ... chunked, grouped by length", t_fb, lim_fb),
+                           ("  ... chunked, grouped by length", t_sdpa, lim_fb),
+                           ("  ... and eager attention", t_fb, lim_fb),
                            ("gradient clip + fused AdamW update", t_up, lim_up),
-                           ("step (chunked, grouped, update)", t_fb + t_up, lim_fb + lim_up)]:
+                           ("step (chunked, grouped, eager, update)", t_fb + t_up, lim_fb + lim_up)]:
         print(f"{name:40s} {sec:8.2f} {lim:8.2f} {sec / lim:8.1f}x")
     print(f"forward + backward at {f_fb / t_fb / 1e9:.0f} GFLOP/s, {f_fb / t_fb / ref:.0%} of the measured peak; "
           f"target: the demo step <= 2x its limit")

@@ -46,9 +46,9 @@ import model as modellib  # noqa: E402
 WARM_START = ["--method", "sft", "--steps", "30", "--prompts_per_step", "16", "--micro_batch", "8",
               "--lr", "1e-4", "--max_new_tokens", "128", "--dtype", "bfloat16", "--seed", "0"]
 # Pinned when the warm start is built, outside the cache key: train.py's defaults when the cached builds were made
-# (the plain loss on full logits, the per-parameter AdamW, micro-batches in the batch's order), so one key keeps
-# building the same model.
-WARM_START_PINNED = ["--chunk_size", "0", "--fused_adamw", "false", "--group_by_length", "false"]
+# (the plain loss on full logits, the per-parameter AdamW, micro-batches in the batch's order, sdpa attention),
+# so one key keeps building the same model.
+WARM_START_PINNED = ["--chunk_size", "0", "--fused_adamw", "false", "--group_by_length", "false", "--attn", "sdpa"]
 SUMMARY_KEYS = ("start_avg", "trained_avg", "diff", "ci95", "n_problems", "k", "method", "minutes", "machine")
 
 

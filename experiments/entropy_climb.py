@@ -29,8 +29,8 @@ import evaluate  # noqa: E402
 
 BASE = ["--model", "embedded", "--steps", "8", "--prompts_per_step", "8", "--micro_batch", "8",
         "--dtype", "bfloat16", "--max_new_tokens", "96", "--rollout", "vllm", "--seed", "0", "--clip", "none",
-        # the loss path, the optimizer and the micro-batches the committed runs used
-        "--chunk_size", "0", "--fused_adamw", "false", "--group_by_length", "false"]
+        # the loss path, the optimizer, the micro-batches and the attention kernel the committed runs used
+        "--chunk_size", "0", "--fused_adamw", "false", "--group_by_length", "false", "--attn", "sdpa"]
 # run -> (what it changes against the first, its flags)
 RUNS = {
     "opsd_fkl_lr1e-5": ("reference: OPSD, forward KL", ["--method", "opsd", "--exposure", "full", "--beta", "0",

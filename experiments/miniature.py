@@ -237,8 +237,9 @@ def train_cmd(args, method, seed, lr, train_data, out_dir, alpha=None):
            "--samples_per_prompt", str(args.samples_per_prompt), "--micro_batch", str(args.micro_batch),
            "--max_new_tokens", str(args.max_new_tokens),
            "--save_every", str(args.save_every), "--out_dir", out_dir, "--rollout", "auto",  # vLLM where installed
-           # the loss path, optimizer and micro-batches every unit so far ran (train.py's defaults changed since)
-           "--chunk_size", "0", "--fused_adamw", "false", "--group_by_length", "false"]
+           # the loss path, optimizer, micro-batches and attention every unit so far ran (train.py's defaults have
+           # changed since)
+           "--chunk_size", "0", "--fused_adamw", "false", "--group_by_length", "false", "--attn", "sdpa"]
     if method == "opsd_fixed":
         cmd += ["--alpha", str(args.fixed_alpha if alpha is None else alpha)]
     if "atesd" in METHODS[method]:

@@ -81,6 +81,8 @@ def test_each_method_and_exposure_runs(tmp_path, embedded_dir, method, expo, fla
             assert r["rollout/response_len"] > 0
     if expo == "fixed":
         assert all(r["exposure/alpha_used"] == 0.5 for r in m)
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["attn"] == "eager"  # --attn auto on a CPU, resolved and recorded
     if expo in ("random", "atesd"):
         assert all(0.0 <= r["exposure/alpha_used"] <= 1.0 for r in m)
     if method == "dasd":
@@ -383,6 +385,19 @@ def test_chunk_size_auto_chunks_the_distillation_and_sft_losses_on_a_cpu_only():
     assert pick("--method", "dasd", resume={"config": {"chunk_size": 0}}) == 0
     with pytest.raises(SystemExit, match="--chunk_size -2"):
         train.check_config(train.parse_config(["--chunk_size", "-2"]))
+
+
+def test_attn_auto_is_eager_on_a_cpu_and_a_resume_keeps_the_runs_kernel():
+    import train
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    pick = lambda *flags, device=cpu, resume=None: train.choose_attn(train.parse_config(list(flags)), device, resume)
+    assert pick() == "eager" and pick(device=gpu) == "sdpa"
+    assert pick("--attn", "sdpa") == "sdpa" and pick("--attn", "eager", device=gpu) == "eager"
+    assert pick(resume={"config": {"attn": "sdpa"}}) == "sdpa"
+    assert pick(resume={"config": {}}) == "sdpa"  # a checkpoint from before the flag ran transformers' default
+    with pytest.raises(SystemExit, match="--attn 'flash'"):
+        train.check_config(train.parse_config(["--attn", "flash"]))
 
 
 def test_resume_refuses_a_flag_that_changes_the_trained_network(tmp_path):
