@@ -16,8 +16,7 @@ Measured in one run, side by side:
      capped at --sft_T tokens, in micro-batches of --sft_micro, through train.microbatch_loss on the plain and
      the chunked loss path, in the batch's order and grouped by length, with sdpa and with eager attention, then
      the gradient clip and the fused AdamW step, as train.py runs them), measured and beside its limit. The
-     optimizer row of (2) shows torch's
-     per-parameter AdamW loop beside the fused kernel.
+     optimizer row of (2) shows torch's per-parameter AdamW loop beside the fused kernel.
 
 FLOP counts (per sequence of S = prompt + response tokens, T response tokens, n_layers L, width d):
   forward  = 2 * N_body * S  +  2 * L * S^2 * d  (causal attention: QK^T and AV, each S^2 d / 2 MACs)
