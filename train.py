@@ -39,6 +39,10 @@ Where this file departs from the textbook algorithms (each is a flag):
   5. Parameters stay float32 (the optimizer's master copy); matmuls run in bf16 autocast when the dtype is
      bfloat16. --dtype auto (the default) takes bf16 on a GPU and, on a CPU, whichever of bf16 and fp32
      multiplies faster on this machine (measured at start: CPUs without bf16 units emulate it slowly).
+     The frozen teacher's copy holds its linear weights in bf16 under bf16 (the same products as autocast's
+     casts, bit for bit; teacher.py choice 8). On a GPU the student recomputes its blocks' activations in the
+     backward (--gradient_checkpointing) and the loss is chunked for large vocabularies (--chunk_size):
+     bench/gpu_memory.py predicts the memory of a run per GPU.
   6. The exposure controller runs identically on every rank from all-reduced statistics, so all
      ranks use the same alpha without a broadcast.
 """
@@ -103,6 +107,19 @@ class Config:
     """enable_thinking for the student's chat template (Qwen3); None leaves the template's default."""
     teacher_thinking: typing.Optional[bool] = None
     """enable_thinking for the teacher's chat template (Qwen3); None leaves the template's default."""
+    teacher_closed_think: bool = False
+    """Open the teacher's turn with the template's non-thinking generation prompt (Qwen3: an empty think block)
+    instead of its own, so it scores the response where a non-thinking student wrote it. Off: a thinking
+    teacher scores the first token where it would write <think>, as OPSD's code does. No effect without
+    thinking in the template."""
+    teacher_show_answer: bool = True
+    """The teacher's context ends with the reference's final answer line (Answer: \\boxed{...}), as in the papers.
+    false: the revealed steps only (teacher.reveal's show_answer), a teacher that cannot copy the answer into the
+    student's box (README choice 23)."""
+    distill_mask_answer: bool = False
+    """opsd/dasd: leave the final-answer span (each response from its last \\boxed on, teacher.answer_span_start)
+    out of the distillation loss and its token mean. A teacher that sees the answer pulls the student's box toward
+    it whatever the student's chain computed (README choice 23)."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off by default: loading a model must not execute foreign code."""
 
@@ -160,9 +177,10 @@ class Config:
     chunk_size: int = -1
     """opsd/dasd/sft: >0 computes the loss from hidden states in chunks of this many tokens, never holding the
     full (T, V) logits (losses.chunked_distill_loss / chunked_nll_loss; use it for large vocabularies such as
-    Qwen3's 151,936); 0 = the plain loss on full logits; -1 (auto) = 256 for these methods on a CPU without
-    --fsdp, where bench/step_time.py measures the student step well below the plain path's, and 0 elsewhere
-    (a resume keeps the run's value)."""
+    Qwen3's 151,936); 0 = the plain loss on full logits; -1 (auto) = for these methods without --fsdp: 256 on a
+    CPU, where bench/step_time.py measures the student step well below the plain path's, and 512 on a GPU when
+    the vocabulary has >= 65,536 entries (there each (B, T, V) fp32 logits tensor of the plain loss is 5 GB at
+    B = 4, T = 2048, V = 151,936, and it keeps several); 0 elsewhere (a resume keeps the run's value)."""
 
     # --- exposure controller (ATESD; see exposure.py for the defaults' reasons)
     hold: typing.Optional[int] = None
@@ -210,6 +228,12 @@ class Config:
     (eager on a CPU, where bench/step_time.py measures torch's flash-attention CPU kernel, mostly its backward,
     slower than eager attention's matmuls at these sequence lengths; sdpa on a GPU). The same math to rounding;
     a resume keeps the run's value."""
+    gradient_checkpointing: typing.Optional[bool] = None
+    """Recompute each transformer block's activations during the backward pass instead of storing them
+    (transformers' gradient_checkpointing_enable, non-reentrant): the student keeps only each block's fp32 input,
+    for Qwen3-1.7B in bf16 8 KiB instead of 138 KiB per token and block (bench/gpu_memory.py), and runs its
+    forward twice. None (auto) = on with a GPU, off on a CPU (small runs there: the extra forward costs time and
+    memory is not short). Memory and time only, the same loss and gradients: a resume may change it."""
     fsdp: bool = False
     """Shard the student with FSDP2 (fully_shard) instead of DDP, for models that do not fit one device."""
     seed: int = 0
@@ -284,6 +308,10 @@ def check_config(cfg):
         errors.append(f"--teacher {cfg.teacher!r}: choose frozen, live or ema")
     if cfg.method == "grpo" and cfg.samples_per_prompt < 2:
         errors.append("--method grpo needs --samples_per_prompt >= 2 (advantages are relative to the group)")
+    if cfg.distill_mask_answer and cfg.method not in ("opsd", "dasd"):
+        errors.append(f"--distill_mask_answer applies to the distillation losses (opsd, dasd), not --method {cfg.method}")
+    if not cfg.teacher_show_answer and cfg.method in ("grpo", "sft"):
+        errors.append(f"--teacher_show_answer false: --method {cfg.method} has no teacher")
     if cfg.method in ("grpo", "sft") and cfg.exposure != "full":
         errors.append(f"--method {cfg.method} uses no teacher, so --exposure must stay 'full' (got {cfg.exposure!r})")
     if not 0.0 <= cfg.alpha <= 1.0:
@@ -373,6 +401,7 @@ class Run:
     start_step: int
     n_skipped: int                   # steps skipped by the non-finite guard so far
     ckpt_dir: str
+    engine_stale: bool = False       # the policy changed since the engine's weights were loaded
 
     @property
     def master(self):
@@ -407,10 +436,13 @@ def setup(cfg):
         resume_state = load_checkpoint(ckpt_dir)
         check_resume_config(cfg, resume_state["config"], ckpt_dir)
     cfg.dtype = choose_dtype(cfg, device, ddp, resume_state)
-    cfg.chunk_size = choose_chunk_size(cfg, device, resume_state)
     cfg.attn = choose_attn(cfg, device, resume_state)
     start_path = modellib.resolve(cfg.model)
     student, tok, teacher_model = load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir)
+    cfg.chunk_size = choose_chunk_size(cfg, device, resume_state, student.get_output_embeddings().weight.shape[0])
+    cfg.gradient_checkpointing = choose_gradient_checkpointing(cfg, device)
+    if cfg.gradient_checkpointing:  # after the teacher's copy was made: the copy never recomputes
+        enable_gradient_checkpointing(student)
     train_model = wrap_for_parallel(cfg, student, ddp, device)
     if cfg.teacher == "live" and teacher_model is not None:
         teacher_model = student  # the same parameters, called outside DDP's forward (no grad anyway)
@@ -442,13 +474,34 @@ def setup(cfg):
     if cfg.method != "sft":
         backend = rollout.default_backend() if cfg.rollout == "auto" else cfg.rollout
         engine = rollout.make_rollout(
-            backend, model=student, model_path=start_path, tokenizer=tok, seed=cfg.seed + rank,
-            dtype=cfg.dtype, max_model_len=4096, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            backend, model=student, model_path=start_path, tokenizer=tok,
+            seed=cfg.seed + (rank // cfg.vllm_tensor_parallel_size if backend == "vllm" else rank),
+            dtype=cfg.dtype, max_model_len=rollout_context(cfg, rows, tok, unwrap(student).config),
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             tensor_parallel_size=cfg.vllm_tensor_parallel_size, enable_sleep_mode=cfg.vllm_sleep)
-        if resume_state is not None:
-            engine.sync_weights(student)
+    # a resumed engine starts from the start model's weights: it loads the checkpoint's before it first samples
     return Run(cfg, ddp, rank, world, device, rows, tok, student, train_model, teacher_model, opt, sched, expo,
-               engine, start_step, n_skipped, ckpt_dir)
+               engine, start_step, n_skipped, ckpt_dir, engine_stale=engine is not None and resume_state is not None)
+
+
+def rollout_context(cfg, rows, tok, model_config):
+    """vLLM's max_model_len: the longest student prompt of --data plus --max_new_tokens, so that no response is
+    cut short by the engine's context. Every problem is tokenized (one batched call); the chat template is
+    rendered exactly for the longest ones (the template adds a fixed wrapper, give or take a merge at its
+    edges). A clear error if that exceeds the model's own context."""
+    n = [len(x) for x in tok([r["problem"] for r in rows], add_special_tokens=False)["input_ids"]]
+    longest = sorted(range(len(rows)), key=lambda i: -n[i])
+    top = [i for i in longest[:256] if n[i] >= n[longest[0]] - 16]
+    lens = {i: len(teacherlib.student_prompt_ids(tok, rows[i]["problem"], enable_thinking=cfg.student_thinking))
+            for i in top}
+    i_max = max(lens, key=lens.get)
+    need = lens[i_max] + cfg.max_new_tokens
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and need > limit:
+        raise SystemExit(f"train.py: --data {cfg.data} row {i_max}: its student prompt ({lens[i_max]} tokens) plus "
+                         f"--max_new_tokens {cfg.max_new_tokens} is {need} tokens, beyond the model's context "
+                         f"(max_position_embeddings {limit}); lower --max_new_tokens or drop the longest problems")
+    return need
 
 
 # the flags that define the trained network and its optimizer state: a resume must not change them
@@ -464,16 +517,53 @@ def check_resume_config(cfg, saved, ckpt_dir):
                          + "; resume with the checkpoint's values, or start a new --out_dir")
 
 
-def choose_chunk_size(cfg, device, resume_state):
-    """--chunk_size -1 (auto) -> 256 for opsd/dasd/sft on a CPU without FSDP, else 0. The chunked path computes
-    the logits' gradient by hand (losses.py note 9) and skips autograd's (B, T, V) graph, which on a CPU costs more
-    than the model's own backward; on a GPU the plain path is kept (the chunked one is for memory there). A
-    resumed run keeps the path it was started with: the two agree to rounding, not bit for bit."""
+LARGE_VOCAB = 65536  # --chunk_size auto on a GPU: the chunked loss from this vocabulary size up
+
+
+def choose_chunk_size(cfg, device, resume_state, vocab_size=None):
+    """--chunk_size -1 (auto) -> for opsd/dasd/sft without FSDP: 256 on a CPU; on a GPU 512 when vocab_size >=
+    LARGE_VOCAB, else 0; 0 for the other methods and under FSDP (it shards the lm_head the chunked loss multiplies
+    by). On a CPU the chunked path computes the logits' gradient by hand (losses.py note 9) and skips autograd's
+    (B, T, V) graph, which there costs more than the model's own backward. On a GPU it is for memory: the plain
+    loss holds several (B, T, V) fp32 tensors (bench/gpu_memory.py counts them), 5 GB each at B = 4, T = 2048 and
+    Qwen3's V = 151,936, more than the whole student with gradient checkpointing; from 64k entries on, one fp32
+    logits row (256 KiB) outweighs a token's checkpointed activations of a 2k-wide, 28-block model (28 x 8 KiB).
+    512 rows keep the lm_head matmuls wide (C x V bf16 logits: 148 MiB at Qwen3's V). A resumed run keeps the
+    path it was started with: the two agree to rounding, not bit for bit."""
     if cfg.chunk_size >= 0:
         return cfg.chunk_size
     if resume_state is not None and resume_state["config"].get("chunk_size", -1) >= 0:
         return resume_state["config"]["chunk_size"]
-    return 256 if device.type == "cpu" and cfg.method in ("opsd", "dasd", "sft") and not cfg.fsdp else 0
+    if cfg.method not in ("opsd", "dasd", "sft") or cfg.fsdp:
+        return 0
+    if device.type == "cpu":
+        return 256
+    return 512 if vocab_size is not None and vocab_size >= LARGE_VOCAB else 0
+
+
+def choose_gradient_checkpointing(cfg, device):
+    """--gradient_checkpointing auto (None) -> on with a GPU, off on a CPU. Unlike the dtype or the chunk size it
+    is not carried over by a resume: it changes memory and time, never the arithmetic of the loss."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing
+    return device.type == "cuda"
+
+
+def enable_gradient_checkpointing(student):
+    """Every transformer block of the student recomputes its activations in the backward pass (transformers'
+    gradient_checkpointing_enable with torch's non-reentrant checkpoint).
+      - Non-reentrant: gradients reach LoRA's A and B although the input of the first block, the frozen embeddings'
+        output, does not require grad (the reentrant form would return no gradient without
+        enable_input_require_grads). transformers registers that hook on the embeddings anyway; it only marks their
+        output as requiring grad, which changes no value.
+      - A block recomputes only in training mode with grad enabled: the frozen and EMA teacher copies are made
+        before this call and run in eval mode; a live or LoRA teacher runs the student under no_grad, where the
+        checkpoint stores nothing and runs the block once.
+      - HF rollouts (rollout.HFRollout) put the model in eval mode for generate, so its KV cache works as before.
+        config.use_cache is left as it is: response_forward passes use_cache=False itself, and a saved model's
+        config.json must not change."""
+    net = student.get_base_model() if lora.is_lora(student) else student
+    net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def choose_attn(cfg, device, resume_state):
@@ -522,7 +612,10 @@ def load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir):
     # the frozen teacher is the *initial* policy, so it is built before resumed weights are loaded
     teacher_model = None
     if cfg.method not in ("grpo", "sft"):
-        teacher_model = teacherlib.make_teacher(student, mode=cfg.teacher)
+        # under --dtype bfloat16 the frozen copy's linear weights are bf16: bit for bit the same teacher under
+        # autocast, 2 bytes per weight instead of 4 (teacher.py choice 8)
+        teacher_model = teacherlib.make_teacher(student, mode=cfg.teacher,
+                                                linear_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None)
         if resume_state is not None and cfg.teacher == "ema":
             teacherlib.load_ema_state(teacher_model, resume_state["ema_teacher"])
     if resume_state is not None and cfg.lora_r:
@@ -576,7 +669,10 @@ def wrap_for_parallel(cfg, student, ddp, device):
         fully_shard(net)
         return student
     if ddp:
-        return torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradient_as_bucket_view: each .grad is a view into DDP's all-reduce buckets, not a second copy beside
+        # them (one model-sized fp32 buffer less at the end of the backward and in the optimizer step)
+        return torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     return student
 
 
@@ -596,6 +692,29 @@ def step_rows(rows, cfg, step, rank, world):
     return picked[rank::world]
 
 
+def sampler_rank(run):
+    """The rank's index among the rollout engines. The ranks of one vLLM tensor-parallel group run one engine
+    together and must submit identical requests with identical seeds (rollout.py gathers their prompts), so
+    they share a seed: rank // tensor_parallel_size. Elsewhere every rank samples its own prompts."""
+    tp = run.cfg.vllm_tensor_parallel_size if run.engine is not None and run.engine.backend == "vllm" else 1
+    return run.rank // tp
+
+
+def prepare_engine(run):
+    """Before sampling: the engine holds the policy's current weights and is awake. The order matters with
+    --vllm_sleep: wake the weights, load the new ones into them, then wake the KV cache. Loading into a
+    sleeping engine would write into released memory, and the wake-up would restore the stale copy."""
+    if run.engine is None or run.cfg.method == "sft":
+        return
+    if run.cfg.vllm_sleep:
+        run.engine.wake_up(tags=["weights"])
+    if run.engine_stale:
+        run.engine.sync_weights(run.student)
+        run.engine_stale = False
+    if run.cfg.vllm_sleep:
+        run.engine.wake_up(tags=["kv_cache"])
+
+
 def sample_batch(run, my_rows, step):
     """Token ids in, token ids out (never decoded and re-tokenized prompts). Returns (batch, rewards):
     batch holds one dict per sequence (student_prompt, response, answer, row, truncated); rewards are
@@ -609,14 +728,15 @@ def sample_batch(run, my_rows, step):
             resp = tok(r["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             batch.append({"student_prompt": p, "response": resp[: cfg.max_new_tokens], "answer": r["answer"]})
         return batch, rewards  # never empty: at least the end-of-sequence token
-    if cfg.vllm_sleep:
-        run.engine.wake_up()
-    with run.autocast():  # the hf backend samples from the live fp32 model: bf16 matmuls here too
+    # the hf backend samples from the live fp32 model (bf16 matmuls under autocast, as training); vLLM holds its own
+    # weights in --dtype and needs no autocast
+    hf = run.engine.backend == "hf"
+    with run.autocast() if hf else contextlib.nullcontext():
         samples = run.engine.generate(s_prompt_ids, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
                                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                      seed=cfg.seed + 1_000_003 * step + 7919 * run.rank)
+                                      seed=cfg.seed + 1_000_003 * step + 7919 * sampler_rank(run))
     if cfg.vllm_sleep:
-        run.engine.sleep()
+        run.engine.sleep()  # frees the KV cache and offloads the weights while the training step runs
     for smp in samples:
         r = my_rows[smp.prompt_index]
         text = tok.decode(smp.token_ids, skip_special_tokens=True)
@@ -643,10 +763,19 @@ def add_teacher_context(run, batch, alpha):
     of its m steps and the final answer (exposure.py, teacher.py)."""
     if run.teacher_model is None:
         return
+    limit = getattr(unwrap(run.student).config, "max_position_embeddings", None)
     for b in batch:
         r = b["row"]
         b["teacher_prompt"] = teacherlib.teacher_prompt_ids(
-            run.tok, r["problem"], r["solution"], r["answer"], alpha=alpha, enable_thinking=run.cfg.teacher_thinking)
+            run.tok, r["problem"], r["solution"], r["answer"], alpha=alpha, enable_thinking=run.cfg.teacher_thinking,
+            closed_think=run.cfg.teacher_closed_think, show_answer=run.cfg.teacher_show_answer)
+        if run.cfg.distill_mask_answer:  # the loss's tokens: the response up to its final-answer span
+            b["loss_len"] = teacherlib.answer_span_start(run.tok, b["response"])
+        if limit is not None and len(b["teacher_prompt"]) + len(b["response"]) > limit:
+            raise SystemExit(f"train.py: the teacher's sequence for problem {r['problem'][:60]!r} is "
+                             f"{len(b['teacher_prompt'])} prompt + {len(b['response'])} response tokens, beyond the "
+                             f"model's context (max_position_embeddings {limit}); lower --max_new_tokens or "
+                             f"drop problems with the longest reference solutions from --data")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -687,6 +816,9 @@ def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autoca
 
     with autocast():
         s_out, mask = teacherlib.response_forward(student, s_prompts, responses, hidden=cfg.chunk_size > 0)
+    if cfg.distill_mask_answer:  # (B,T): tokens from each response's final-answer span on leave the loss
+        mask = mask * (torch.arange(mask.shape[1], device=mask.device)[None, :]
+                       < torch.tensor([b["loss_len"] for b in mb], device=mask.device)[:, None])
     n = mask.sum()
     metrics = {}
 
@@ -796,7 +928,7 @@ def train_on_batch(run, batch, alpha, step):
     never written into the weights."""
     cfg, student = run.cfg, run.student
     lm_head = student.get_output_embeddings()  # the matrix the chunked loss multiplies by
-    n_local = float(sum(len(b["response"]) for b in batch))
+    n_local = float(sum(b.get("loss_len", len(b["response"])) for b in batch))
     n_global = all_reduce_sum({"n": n_local}, run.device, run.ddp)["n"]
     run.opt.zero_grad(set_to_none=True)
     sums = {}
@@ -836,10 +968,11 @@ def train_on_batch(run, batch, alpha, step):
 
 
 def sync_weights(run, finite):
+    """The rollout engine is marked stale and reloaded right before it samples next (prepare_engine): under
+    --vllm_sleep it is asleep now and must be woken first. The EMA teacher moves now."""
     if not finite:
         return  # the step was skipped: nothing changed
-    if run.engine is not None:
-        run.engine.sync_weights(run.student)
+    run.engine_stale = run.engine is not None
     if run.cfg.teacher == "ema" and run.teacher_model is not None:
         teacherlib.ema_update(run.teacher_model, unwrap(run.student), run.cfg.ema_decay)
 
@@ -854,7 +987,8 @@ def step_metrics(run, batch, rewards, sums, n_local, alpha):
     alp = 0.0
     if run.cfg.exposure == "atesd" and run.teacher_model is not None:
         alp = teacher_answer_logprob(run, batch, alpha)
-    glob = all_reduce_sum({**sums, "n_tok": n_local, "n_seq": float(len(batch)), "answer_logprob": alp,
+    n_resp = float(sum(len(b["response"]) for b in batch))  # n_local: the loss's tokens, fewer under --distill_mask_answer
+    glob = all_reduce_sum({**sums, "n_tok": n_local, "n_resp": n_resp, "n_seq": float(len(batch)), "answer_logprob": alp,
                            "correct": float(sum(rewards)), "n_rollouts": float(len(rewards)),
                            "truncated": float(sum(b.get("truncated", False) for b in batch))}, run.device, run.ddp)
     rec = {}
@@ -866,9 +1000,11 @@ def step_metrics(run, batch, rewards, sums, n_local, alpha):
     rec.update({
         "rollout/accuracy": glob["correct"] / max(glob["n_rollouts"], 1.0) if glob["n_rollouts"] else None,
         "rollout/truncated": glob["truncated"] / max(glob["n_seq"], 1.0),
-        "rollout/response_len": glob["n_tok"] / max(glob["n_seq"], 1.0),
+        "rollout/response_len": glob["n_resp"] / max(glob["n_seq"], 1.0),
     })
-    return rec, glob["n_tok"]
+    if run.cfg.distill_mask_answer:
+        rec["loss/token_share"] = glob["n_tok"] / max(glob["n_resp"], 1.0)  # response tokens the loss covers
+    return rec, glob["n_resp"]
 
 
 @torch.no_grad()
@@ -1077,6 +1213,16 @@ def finish(run):
 # Main: the algorithm, one step per iteration, in the order of the module docstring.
 
 
+def cuda_peak_gib(device):
+    """On a GPU: the peak of torch's allocated memory since the last call, in GiB (then the peak is reset);
+    None on a CPU. Memory that vLLM takes through its own pool (sleep mode) is not counted."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
 def main(argv=None):
     cfg = parse_config(argv)
     check_config(cfg)
@@ -1091,19 +1237,21 @@ def main(argv=None):
         alpha = run.expo.alpha_for_step(step)  # how much of the reference the teacher sees
 
         t0 = time.time()
+        prepare_engine(run)  # the last update's weights into the engine (woken first under --vllm_sleep)
+        timings["sync"] = time.time() - t0
+
+        t0 = time.time()
         batch, rewards = sample_batch(run, step_rows(run.rows, cfg, step, run.rank, run.world), step)
         timings["rollout"] = time.time() - t0
 
         add_advantages(run, batch, rewards)
         add_teacher_context(run, batch, alpha)
 
-        t0 = time.time()
+        t0, peak = time.time(), {"rollout": cuda_peak_gib(run.device)}
         sums, n_local, gnorm, finite = train_on_batch(run, batch, alpha, step)
-        timings["train"] = time.time() - t0
+        timings["train"], peak["train"] = time.time() - t0, cuda_peak_gib(run.device)
 
-        t0 = time.time()
         sync_weights(run, finite)
-        timings["sync"] = time.time() - t0
 
         t0 = time.time()
         rec, n_tok = step_metrics(run, batch, rewards, sums, n_local, alpha)
@@ -1113,7 +1261,8 @@ def main(argv=None):
         dt = time.time() - t_step
         rec = {"step": step + 1, **rec, "train/grad_norm": gnorm, "train/lr": run.sched.get_last_lr()[0],
                "train/skipped_steps": run.n_skipped, "train/tokens_per_s": n_tok / dt, "exposure/alpha_used": alpha,
-               **{f"time/{k}": v for k, v in timings.items()}, "time/step": dt, **run.expo.metrics()}
+               **{f"time/{k}": v for k, v in timings.items()}, "time/step": dt, **run.expo.metrics(),
+               **{f"memory/{k}_peak_gib": v for k, v in peak.items() if v is not None}}
         log_step(run, log, rec)
         bar.set_postfix({"loss": f"{rec.get('loss/total', 0):.4f}", "acc": rec["rollout/accuracy"],
                          "alpha": f"{alpha:.2f}"}, refresh=False)

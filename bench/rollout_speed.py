@@ -40,12 +40,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16, 32])
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="auto: the faster matmul of this machine (model.pick_dtype)")
     ap.add_argument("--backends", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
     ap.add_argument("--model", default=None, help="name or path; default: the embedded SmolLM2-135M-Instruct")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = model_lib.pick_dtype(args.dtype, device)
     path = model_lib.resolve(args.model)
     policy, tok = model_lib.load(path, dtype=getattr(torch, args.dtype), device=device)
     policy.eval()

@@ -63,7 +63,8 @@ def main():
     rows = data.embedded_split("test")[: args.n]
     s_prompts = [teacherlib.student_prompt_ids(tok, r["problem"]) for r in rows]
     engine = rollout.make_rollout("hf", model=net, tokenizer=tok, seed=args.seed)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    bf16 = modellib.pick_dtype("auto") == "bfloat16"  # bf16 matmuls only where this CPU runs them faster
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         samples = engine.generate(s_prompts, n=1, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, seed=args.seed)
     responses = [s.token_ids for s in samples]

@@ -1,17 +1,22 @@
 """`make demo`: the main job on the embedded default, timed, with a paired confidence interval.
 
 Set-up (once; cached under ~/.cache/opsd like the model conversion, not part of the timed run):
-    the *format warm start*. SmolLM2-135M-Instruct rarely ends with an answer in \\boxed{} (Avg@4 ~0 on the
-    embedded test split); the papers start from instruct models that already do. A short SFT on
-    training-split reference solutions (never the test split) gives a start point that succeeds sometimes
-    (Avg@4 ~40), so that gains and losses are both visible. --warm_start none starts from the model itself.
+    1. the *format warm start*. SmolLM2-135M-Instruct rarely ends with an answer in \\boxed{} (Avg@4 ~0 on the
+       embedded test split); the papers start from instruct models that already do. A short SFT on
+       training-split reference solutions (never the test split) gives a start point that succeeds sometimes
+       (Avg@4 ~40), so that gains and losses are both visible. --warm_start none starts from the model itself.
+    2. evaluate.py on the start point: the first --n_problems embedded test problems, k samples each, vLLM.
+    Both run in the dtype whose matmuls are faster on this CPU (--dtype auto, measured): bf16 on CPUs with bf16
+    units, fp32 on the many without them, where bf16 is emulated and ~100x slower. The dtype is part of both
+    cache keys.
 
 Timed (what `minutes` in summary.json measures):
     1. train.py --method <method> from the warm start, --steps steps (default sft: see below);
-    2. evaluate.py on the first --n_problems embedded test problems, k samples each, the start point and
-       the trained model in one run, vLLM rollouts;
+    2. evaluate.py on the trained model with the start point's evaluation flags (same problems, k, seeds);
     3. the paired Avg@k difference (trained - start) over problems with its 95% bootstrap interval
-       (evaluate.paired_bootstrap), printed and written to <out>/summary.json.
+       (evaluate.paired_bootstrap), printed and written to <out>/summary.json, with both reports in
+       <out>/report.json. Evaluating the start point once, not in every demo, halves the timed sampling at the
+       same statistical power: the pairs are the same problems under the same seeds.
 
     python experiments/demo.py                       # what `make demo` runs
     python experiments/demo.py --method dasd --out runs/demo_dasd     # the project's method, DASD + ATESD
@@ -28,6 +33,7 @@ finished stage (final/, report.json) is not run again.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -40,11 +46,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import evaluate  # noqa: E402
 import model as modellib  # noqa: E402
 
-# The warm-start recipe (flags of train.py --method sft). Part of the cache key: changing it builds a new one.
+# The warm-start recipe (flags of train.py --method sft) with the dtype of the machine at hand (warm_start_recipe):
+# bf16 where its matmuls are faster, fp32 elsewhere (CPUs without bf16 units emulate it ~100x slower). The recipe,
+# dtype included, is the cache key: a bf16 build and an fp32 build are two cache entries, never mixed.
 WARM_START = ["--method", "sft", "--steps", "30", "--prompts_per_step", "16", "--micro_batch", "8",
-              "--lr", "1e-4", "--max_new_tokens", "128", "--dtype", "bfloat16", "--seed", "0"]
+              "--lr", "1e-4", "--max_new_tokens", "128"]
 # Pinned when the warm start is built, outside the cache key: train.py's defaults when the cached builds were made
 # (the plain loss on full logits, the per-parameter AdamW, micro-batches in the batch's order, sdpa attention),
 # so one key keeps building the same model.
@@ -64,13 +73,30 @@ def run(cmd, log):
             raise SystemExit(f"demo: {cmd[1]} failed (exit {p.returncode}); its output is in {log}")
 
 
-def warm_start_dir(recipe=WARM_START):
-    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:10]
+@functools.lru_cache(maxsize=None)
+def machine_dtype():
+    """bfloat16 or float32: the one whose matmuls are faster on this CPU (model.pick_dtype, measured once)."""
+    return modellib.pick_dtype("auto", "cpu")
+
+
+def resolve_dtype(dtype):
+    return machine_dtype() if dtype in (None, "auto") else dtype
+
+
+def warm_start_recipe(dtype=None):
+    """The warm start's train.py flags in a dtype (default: this machine's faster one)."""
+    return [*WARM_START, "--dtype", resolve_dtype(dtype), "--seed", "0"]
+
+
+def warm_start_dir(recipe=None):
+    key = hashlib.sha256(json.dumps(recipe or warm_start_recipe()).encode()).hexdigest()[:10]
     return os.path.join(modellib.cache_root(), f"warmstart-{key}")
 
 
-def ensure_warm_start(py, recipe=WARM_START):
-    """The cached warm-start model folder; trained once (resumable) when missing."""
+def ensure_warm_start(py, recipe=None):
+    """The cached warm-start model folder; trained once (resumable) when missing. warm_start.json beside the
+    weights records the recipe (its dtype included) and the machine that built it."""
+    recipe = recipe or warm_start_recipe()
     final = warm_start_dir(recipe)
     if os.path.exists(os.path.join(final, "config.json")):
         return final
@@ -81,9 +107,44 @@ def ensure_warm_start(py, recipe=WARM_START):
     run([py, "train.py", *recipe, *WARM_START_PINNED, "--save_every", "5", "--out_dir", work, *resume],
         os.path.join(work, "train.log"))
     shutil.copytree(os.path.join(work, "final"), final + ".tmp", dirs_exist_ok=True)
+    dtype = recipe[recipe.index("--dtype") + 1] if "--dtype" in recipe else "auto"
+    with open(os.path.join(final + ".tmp", "warm_start.json"), "w") as f:
+        json.dump({"recipe": recipe, "pinned": WARM_START_PINNED, "dtype": dtype, "machine": machine()}, f, indent=2)
     os.replace(final + ".tmp", final)
     shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def ensure_start_eval(py, start, eval_args):
+    """evaluate.py's report on the start point, cached beside the warm start: it depends only on the model, the
+    evaluation flags (problems, k, cap, backend, dtype, seed) and the machine, so a demo evaluates only the trained
+    model in its timed part and pairs it with this one. Written once, atomically."""
+    key = hashlib.sha256(json.dumps([os.path.abspath(start), eval_args]).encode()).hexdigest()[:10]
+    folder = os.path.join(modellib.cache_root(), f"start-eval-{key}")
+    path = os.path.join(folder, "report.json")
+    if not os.path.exists(path):
+        print(f"set-up: the start point's evaluation (once) -> {folder}", flush=True)
+        os.makedirs(folder + ".tmp", exist_ok=True)
+        run([py, "evaluate.py", "--model", start, *eval_args, "--out", folder + ".tmp"],
+            os.path.join(folder + ".tmp", "eval.log"))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(folder + ".tmp", folder)
+    with open(path) as f:
+        return json.load(f)
+
+
+def paired_report(start_report, trained_report):
+    """One report of the start point and the trained model from their separate evaluations, with evaluate.py's paired
+    difference. Both must have evaluated the same problems with the same k."""
+    (start,), (trained,) = start_report["results"].values(), trained_report["results"].values()
+    for bench in start:
+        a, b = start[bench], trained.get(bench)
+        if b is None or len(a["accuracy_per_problem"]) != len(b["accuracy_per_problem"]) or a["k"] != b["k"]:
+            raise ValueError(f"demo: the start point's and the trained model's evaluations of {bench} differ in "
+                             f"problems or k; delete the start-eval cache folder and rerun")
+    results = {"start": start, "trained": trained}
+    return {"config": trained_report["config"], "results": results, "paired": evaluate.paired_differences(results),
+            "models": {"start": start_report["models"], "trained": trained_report["models"]}}
 
 
 def machine():
@@ -163,8 +224,11 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=4, help="samples per problem")
     ap.add_argument("--max_new_tokens", type=int, default=96, help="evaluation response cap")
     ap.add_argument("--rollout", default="vllm", choices=["vllm", "hf"], help="backend of rollouts and evaluation")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="of the warm start, training and evaluation; auto: this CPU's faster matmul, measured once")
     ap.add_argument("--out", default="runs/demo", help="output folder")
     args = ap.parse_args(argv)
+    args.dtype = resolve_dtype(args.dtype)  # recorded in demo_args.json: a resumed demo keeps it
 
     py = sys.executable
     out = os.path.abspath(args.out)
@@ -182,33 +246,42 @@ def main(argv=None):
     else:
         with open(settings_path, "w") as f:
             json.dump(settings, f, indent=2)
-    start = ensure_warm_start(py) if args.warm_start == "sft" else modellib.embedded_model_dir()
+    t_setup = time.time()
+    start = ensure_warm_start(py, warm_start_recipe(args.dtype)) if args.warm_start == "sft" \
+        else modellib.embedded_model_dir()
+    eval_args = ["--n_problems", str(args.n_problems), "--k", str(args.k), "--max_new_tokens", str(args.max_new_tokens),
+                 "--rollout", args.rollout, "--dtype", args.dtype, "--batch_problems", str(args.n_problems),
+                 "--no_entropy"]
+    start_report = ensure_start_eval(py, start, eval_args)
+    setup_minutes = (time.time() - t_setup) / 60
 
     t0 = time.time()
     info = machine()
     print(f"machine: {info['cpu']}, bf16 matmul {info['bf16_matmul_gflops']:.0f} GFLOP/s, "
-          f"fp32 {info['fp32_matmul_gflops']:.0f} GFLOP/s", flush=True)
+          f"fp32 {info['fp32_matmul_gflops']:.0f} GFLOP/s; dtype {args.dtype}", flush=True)
     train_dir = os.path.join(out, "train")
     if not os.path.exists(os.path.join(train_dir, "final", "config.json")):
         resume = ["--resume"] if os.path.isdir(os.path.join(train_dir, "ckpt")) else []
         run([py, "train.py", "--model", start, "--method", args.method, "--steps", str(args.steps),
-             *args.train_args.split(), "--rollout", args.rollout, "--save_every", "4", "--out_dir", train_dir, *resume],
-            os.path.join(out, "train.log"))
+             *args.train_args.split(), "--rollout", args.rollout, "--dtype", args.dtype, "--save_every", "4",
+             "--out_dir", train_dir, *resume], os.path.join(out, "train.log"))
     eval_dir = os.path.join(out, "eval")
     if not os.path.exists(os.path.join(eval_dir, "report.json")):
-        # both models in one run, on the same problems and sampling seed: the difference is paired
-        run([py, "evaluate.py", "--model", start, "--model", os.path.join(train_dir, "final"),
-             "--n_problems", str(args.n_problems), "--k", str(args.k), "--max_new_tokens", str(args.max_new_tokens),
-             "--rollout", args.rollout, "--batch_problems", str(args.n_problems), "--no_entropy",
+        # the same problems, k, sampling seeds and dtype as the start point's cached evaluation: the difference is
+        # paired exactly as if both models were evaluated in one run
+        run([py, "evaluate.py", "--model", os.path.join(train_dir, "final"), *eval_args,
              "--plot_train", os.path.join(train_dir, "metrics.jsonl"), "--out", eval_dir],
             os.path.join(out, "eval.log"))
     minutes = (time.time() - t0) / 60  # of the stages this call ran (all of them in a run that was not interrupted)
 
     with open(os.path.join(eval_dir, "report.json")) as f:
-        report = json.load(f)
-    start_label, trained_label = list(report["results"])
+        report = paired_report(start_report, json.load(f))
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
     summary = make_summary(report, method=args.method, steps=args.steps, minutes=minutes, machine_info=info,
-                           start_label=start_label, trained_label=trained_label)
+                           start_label="start", trained_label="trained")
+    summary["setup_minutes"] = round(setup_minutes, 2)  # 0 when the warm start and its evaluation were cached
+    summary["dtype"] = args.dtype
     summary["warm_start"] = args.warm_start
     check_summary(summary)
     with open(os.path.join(out, "summary.json"), "w") as f:

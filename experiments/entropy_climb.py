@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
 
 BASE = ["--model", "embedded", "--steps", "8", "--prompts_per_step", "8", "--micro_batch", "8",
-        "--dtype", "bfloat16", "--max_new_tokens", "96", "--rollout", "vllm", "--seed", "0", "--clip", "none",
+        "--max_new_tokens", "96", "--rollout", "vllm", "--seed", "0", "--clip", "none",
         # the loss path, the optimizer, the micro-batches and the attention kernel the committed runs used
         "--chunk_size", "0", "--fused_adamw", "false", "--group_by_length", "false", "--attn", "sdpa"]
 # run -> (what it changes against the first, its flags)

@@ -107,9 +107,9 @@ def build_parser():
                    help="start point of every run and the 'base' row: 'warmstart' (the demo's cached format warm "
                         "start, built once; README choice 13), 'embedded' (SmolLM2-135M-Instruct itself), or a "
                         "model folder")
-    g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                   help="one dtype for every run of the folder, whatever the CPU at hand prefers (--dtype auto "
-                        "would measure per run and could differ between machines)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="one dtype for every run of the folder and its warm start; auto: the faster matmul of this "
+                        "CPU, measured once at the start and recorded in budget.json (a folder keeps one dtype)")
     g.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
     g.add_argument("--prompts_per_step", type=int, default=8)
     g.add_argument("--samples_per_prompt", type=int, default=2, help="rollouts per prompt (GRPO needs >= 2)")
@@ -163,13 +163,13 @@ def budget(args):
             "eval_rollout")
     out = {k: getattr(args, k) for k in keys}
     if args.model == "warmstart":  # another recipe is another start point
-        out["warm_start_recipe"] = demo.WARM_START
+        out["warm_start_recipe"] = demo.warm_start_recipe(args.dtype)
     return out
 
 
 def start_model(args):
     """The model folder (or 'embedded') every run starts from and the 'base' row evaluates."""
-    return demo.warm_start_dir() if args.model == "warmstart" else args.model
+    return demo.warm_start_dir(demo.warm_start_recipe(args.dtype)) if args.model == "warmstart" else args.model
 
 
 def check_budget(args):
@@ -610,6 +610,7 @@ def write_report(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.out = os.path.abspath(args.out)
+    args.dtype = demo.resolve_dtype(args.dtype)  # measured once: every run of the folder gets the same dtype
     if args.k & (args.k - 1):
         sys.exit(f"--k {args.k}: use a power of two (the Pass@k figure is drawn at k = 1, 2, 4, ...)")
     check_budget(args)
@@ -618,7 +619,7 @@ def main(argv=None):
         return
     train_data, val_data = prepare_data(args)
     if args.model == "warmstart":
-        demo.ensure_warm_start(sys.executable)  # built once into the cache (resumable), then reused
+        demo.ensure_warm_start(sys.executable, demo.warm_start_recipe(args.dtype))  # built once, then reused
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)

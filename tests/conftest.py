@@ -20,6 +20,24 @@ def embedded_dir():
     return model.embedded_model_dir()
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(embedded_dir, tmp_path_factory):
+    """A model folder train.py loads with --model: a random 2-layer Llama (hidden 64) with the embedded model's
+    tokenizer and vocabulary, so that a dtype's code path runs end to end at a tiny cost on any CPU."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    ref = AutoConfig.from_pretrained(embedded_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=ref.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=ref.bos_token_id, eos_token_id=ref.eos_token_id,
+                      pad_token_id=ref.pad_token_id)
+    out = str(tmp_path_factory.mktemp("tiny_model"))
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def tiny_llama():
     """A tiny random Llama (vocab 64, 2 layers, hidden 32) in float32, built in memory."""

@@ -20,7 +20,7 @@ def fake_report(start, trained, k=4):
     def result(counts):
         acc = [c / k for c in counts]
         return {"embedded:test": {"avg_at_k": 100 * sum(acc) / len(acc), "pass_at_k": {"1": 100 * sum(acc) / len(acc)},
-                                  "accuracy_per_problem": acc}}
+                                  "accuracy_per_problem": acc, "k": k, "n_problems": len(acc)}}
 
     results = {"warmstart": result(start), "final": result(trained)}
     return {"config": {"k": k}, "results": results, "paired": evaluate.paired_differences(results)}
@@ -94,3 +94,30 @@ def test_demo_refuses_to_continue_a_run_with_other_settings(tmp_path):
     (out / "demo_args.json").write_text(json.dumps({"method": "opsd", "steps": 8}))
     with pytest.raises(SystemExit, match="other settings .*method"):
         demo.main(["--out", str(out), "--method", "dasd"])
+
+
+def test_separate_evaluations_pair_like_one_joint_run():
+    # the start point is evaluated once in the set-up and the trained model in the timed part; pairing their two
+    # reports gives what one evaluate.py run of both models reports
+    start, trained = [0, 1, 2, 4, 0, 3] * 10, [1, 1, 3, 4, 2, 3] * 10
+    joint = fake_report(start, trained)
+    one = lambda label: {"config": {"k": 4}, "models": {label: label}, "results": {label: joint["results"][label]}}  # noqa: E731
+    merged = demo.paired_report(one("warmstart"), one("final"))
+    assert list(merged["paired"].values()) == list(joint["paired"].values())
+    s = demo.make_summary(merged, method="sft", steps=8, minutes=1.0, machine_info=MACHINE, start_label="start",
+                          trained_label="trained")
+    demo.check_summary(s)
+    assert s["diff"] == pytest.approx(100 * (sum(trained) - sum(start)) / (4 * 60))
+    fewer = {"config": {"k": 4}, "models": {}, "results": {"final": fake_report(start[:30], trained[:30])["results"]["final"]}}
+    with pytest.raises(ValueError, match="differ in problems or k"):
+        demo.paired_report(one("warmstart"), fewer)
+
+
+def test_warm_start_recipe_takes_the_measured_dtype_and_keys_the_cache_by_it():
+    # never bf16 pinned: the recipe carries the dtype asked for (default: this CPU's faster matmul), and a bf16 and
+    # an fp32 build are two cache entries
+    r16, r32 = demo.warm_start_recipe("bfloat16"), demo.warm_start_recipe("float32")
+    assert r16[r16.index("--dtype") + 1] == "bfloat16" and r32[r32.index("--dtype") + 1] == "float32"
+    assert demo.warm_start_dir(r16) != demo.warm_start_dir(r32)
+    assert demo.warm_start_recipe() == demo.warm_start_recipe(demo.machine_dtype())
+    assert demo.machine_dtype() in ("bfloat16", "float32")

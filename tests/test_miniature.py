@@ -22,7 +22,9 @@ import train  # noqa: E402
 
 
 def args_for(tmp_path, *extra):
-    return miniature.build_parser().parse_args(["--out", str(tmp_path / "mini"), *extra])
+    args = miniature.build_parser().parse_args(["--out", str(tmp_path / "mini"), *extra])
+    args.dtype = miniature.demo.resolve_dtype(args.dtype)  # as main() does: measured once, then fixed
+    return args
 
 
 @pytest.mark.parametrize("method", list(miniature.METHODS))
@@ -40,7 +42,8 @@ def test_every_method_command_is_valid_train_config(tmp_path, method):
                 "atesd": ("opsd", "atesd"), "dasd_atesd": ("dasd", "atesd")}[method]
     assert (cfg.method, cfg.exposure) == expected
     # every run starts from the same model in the same dtype: the cached warm start unless --model says otherwise
-    assert (cfg.model, cfg.dtype, cfg.micro_batch) == (miniature.demo.warm_start_dir(), "bfloat16", args.micro_batch)
+    assert (cfg.model, cfg.dtype, cfg.micro_batch) == (
+        miniature.demo.warm_start_dir(miniature.demo.warm_start_recipe(args.dtype)), args.dtype, args.micro_batch)
     if method == "opsd_fixed":
         assert cfg.alpha == 0.25
     if cfg.exposure == "atesd":

@@ -133,6 +133,149 @@ def test_qwen3_style_thinking_on_and_off(qwen3_tok):
     assert t_off == t_on + encode(qwen3_tok, "<think>\n\n</think>\n\n")
 
 
+# ------------------------------------------------------------------ Qwen3's real chat template
+
+# Qwen3's own chat template, read from the file trl ships: trl/chat_templates/qwen3.jinja, which trl's
+# scripts/check_chat_templates.py keeps byte-identical to the chat_template of Qwen/Qwen3-8B's tokenizer_config.json.
+# The digest pins the text these tests were checked against: a trl release that changes it is to be looked at again.
+QWEN3_TEMPLATE_SHA256 = "a55ee1b1660128b7098723e0abcd92caa0788061051c62d51cbe87d9cf1974d8"
+THINK_OFF = "<think>\n\n</think>\n\n"  # what Qwen3's generation prompt adds with enable_thinking=False
+PROBLEM, SOLUTION_2_3 = "What is 2 + 3?", "2 + 3 = 5\n\\boxed{5}"
+
+
+def qwen3_template():
+    import hashlib
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("trl")  # its file only: importing trl is slow and not needed
+    assert spec is not None, "trl (requirements.txt) ships Qwen3's chat template"
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "chat_templates" / "qwen3.jinja"
+    text = path.read_text(encoding="utf-8")
+    assert hashlib.sha256(text.encode("utf-8")).hexdigest() == QWEN3_TEMPLATE_SHA256, path
+    return text
+
+
+@pytest.fixture(scope="module")
+def qwen3_real_tok(embedded_dir):
+    """The embedded tokenizer with Qwen3's real chat template and Qwen3's think tags: <think> and </think> are
+    added, non-special tokens, as in Qwen3's tokenizer; <|im_start|> and <|im_end|> the embedded one already has."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    assert tok.add_tokens(["<think>", "</think>"]) == 2
+    tok.chat_template = qwen3_template()
+    return tok
+
+
+def test_qwen3_template_student_and_teacher_prompts(qwen3_real_tok):
+    """Non-thinking student, thinking teacher: the rendered text, and the ids teacher.py takes from it."""
+    tok = qwen3_real_tok
+    s_text = tok.apply_chat_template(teacher.student_messages(PROBLEM), add_generation_prompt=True, tokenize=False,
+                                     enable_thinking=False)
+    assert s_text == (f"<|im_start|>user\n{PROBLEM}\n\n{teacher.INSTRUCTION}<|im_end|>\n"
+                      "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    content = teacher.teacher_messages(PROBLEM, SOLUTION_2_3, "5")[0]["content"]
+    t_text = tok.apply_chat_template(teacher.teacher_messages(PROBLEM, SOLUTION_2_3, "5"), add_generation_prompt=True,
+                                     tokenize=False, enable_thinking=True)
+    assert t_text == f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"  # no system turn, no think tag
+
+    s_ids = teacher.student_prompt_ids(tok, PROBLEM, enable_thinking=False)
+    t_ids = teacher.teacher_prompt_ids(tok, PROBLEM, SOLUTION_2_3, "5", enable_thinking=True)
+    assert s_ids == encode(tok, s_text) and t_ids == encode(tok, t_text)
+    think, end_think = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    assert s_ids[-4:] == [think] + encode(tok, "\n\n") + [end_think] + encode(tok, "\n\n")  # each tag one token
+    assert think not in t_ids and end_think not in t_ids
+    # the template's default is thinking: enable_thinking=None (not passed) gives the thinking prompts
+    assert teacher.teacher_prompt_ids(tok, PROBLEM, SOLUTION_2_3, "5") == t_ids
+    assert teacher.student_prompt_ids(tok, PROBLEM) == encode(tok, s_text[: -len(THINK_OFF)])
+    assert teacher.student_prompt_ids(tok, PROBLEM, enable_thinking=True) == encode(tok, s_text[: -len(THINK_OFF)])
+
+
+def test_qwen3_template_response_rows_follow_the_same_response_prefix(qwen3_real_tok):
+    """The two prompts differ in length and in how they end, yet row t of the student's forward and row t of the
+    teacher's (batched as train.py does: student and teacher apart, problems of different lengths together) each
+    equal the row of a bare, unpadded forward of [that prompt | response] that has seen exactly prompt + response[:t]:
+    both predict response token t from their own generation prompt followed by the same t response tokens."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = qwen3_real_tok
+    torch.manual_seed(2)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    model = Qwen3ForCausalLM(cfg).double().eval()
+    rows = [(PROBLEM, SOLUTION_2_3, "5", "2 + 3 = 5, so \\boxed{5}."),
+            ("Mia has 12 apples. How many now?", SOLUTION, "14", "Mia ends with \\boxed{14} apples.")]
+    s_prompts = [teacher.student_prompt_ids(tok, p, enable_thinking=False) for p, _, _, _ in rows]
+    t_prompts = [teacher.teacher_prompt_ids(tok, p, s, a, enable_thinking=True) for p, s, a, _ in rows]
+    responses = [encode(tok, r) + [tok.convert_tokens_to_ids("<|im_end|>")] for _, _, _, r in rows]
+    assert len(responses[0]) != len(responses[1]) and len({len(p) for p in s_prompts + t_prompts}) == 4
+    s_out, s_mask = teacher.response_forward(model, s_prompts, responses)
+    t_out, t_mask = teacher.teacher_logits(model, t_prompts, responses)
+    assert torch.equal(s_mask, t_mask)
+    student_end = encode(tok, "<|im_start|>assistant\n" + THINK_OFF)
+    teacher_end = encode(tok, "<|im_start|>assistant\n")
+    with torch.no_grad():
+        for prompts, out, end in ((s_prompts, s_out, student_end), (t_prompts, t_out, teacher_end)):
+            for b, resp in enumerate(responses):
+                assert prompts[b][-len(end):] == end  # the generation prompt is what comes right before the response
+                # one bare forward of [prompt | response]: its row len(prompt) - 1 + t has seen prompt + response[:t]
+                bare = model(torch.tensor([prompts[b] + resp])).logits[0]
+                P = len(prompts[b])
+                torch.testing.assert_close(out[b, : len(resp)], bare[P - 1 : P - 1 + len(resp)], rtol=0, atol=1e-10)
+                # the first response token: a forward of the prompt alone, nothing of the response in it
+                first = model(torch.tensor([prompts[b]]), logits_to_keep=1).logits[0, -1]
+                torch.testing.assert_close(out[b, 0], first, rtol=0, atol=1e-10)
+
+
+def test_qwen3_closed_think_teacher_opens_like_the_student(qwen3_real_tok, chatml_tok, qwen3_tok):
+    tok = qwen3_real_tok
+    msgs = teacher.teacher_messages(PROBLEM, SOLUTION_2_3, "5")
+    assert teacher.generation_prompt_ids(tok, msgs, enable_thinking=True) == encode(tok, "<|im_start|>assistant\n")
+    assert teacher.generation_prompt_ids(tok, msgs, enable_thinking=False) == encode(
+        tok, "<|im_start|>assistant\n" + THINK_OFF)
+    s_ids = teacher.student_prompt_ids(tok, PROBLEM, enable_thinking=False)
+    t_on = teacher.teacher_prompt_ids(tok, PROBLEM, SOLUTION_2_3, "5", enable_thinking=True)
+    closed = teacher.teacher_prompt_ids(tok, PROBLEM, SOLUTION_2_3, "5", enable_thinking=True, closed_think=True)
+    suffix = encode(tok, "<|im_start|>assistant\n" + THINK_OFF)
+    assert s_ids[-len(suffix):] == suffix and closed[-len(suffix):] == suffix  # the student's suffix
+    assert closed == t_on + encode(tok, THINK_OFF)
+    assert tok.decode(closed) == tok.decode(t_on) + THINK_OFF
+    # Qwen3's template reads enable_thinking in the generation prompt only: a closed thinking teacher is, token for
+    # token, the non-thinking teacher; the template default (None) is thinking; a closed prompt stays as it is
+    assert closed == teacher.teacher_prompt_ids(tok, PROBLEM, SOLUTION_2_3, "5", enable_thinking=False)
+    assert closed == teacher.teacher_prompt_ids(tok, PROBLEM, SOLUTION_2_3, "5", closed_think=True)
+    assert closed == teacher.teacher_prompt_ids(tok, PROBLEM, SOLUTION_2_3, "5", enable_thinking=False,
+                                                closed_think=True)
+    # the hand-written Qwen3-like template agrees
+    assert teacher.teacher_prompt_ids(qwen3_tok, PROBLEM, SOLUTION_2_3, "5", closed_think=True) == (
+        teacher.teacher_prompt_ids(qwen3_tok, PROBLEM, SOLUTION_2_3, "5") + encode(qwen3_tok, THINK_OFF))
+    # a template without thinking (the embedded SmolLM2's): the same ids, whatever the flags
+    plain = teacher.teacher_prompt_ids(chatml_tok, PROBLEM, SOLUTION_2_3, "5", alpha=0.5)
+    for kw in ({}, {"enable_thinking": True}, {"enable_thinking": False}):
+        assert plain == teacher.teacher_prompt_ids(chatml_tok, PROBLEM, SOLUTION_2_3, "5", alpha=0.5,
+                                                   closed_think=True, **kw)
+
+
+def test_train_passes_teacher_closed_think(qwen3_real_tok):
+    import types
+
+    import train
+
+    assert train.parse_config([]).teacher_closed_think is False
+    cfg = train.parse_config(["--teacher_thinking", "true", "--teacher_closed_think"])
+    assert cfg.teacher_closed_think is True
+    row = {"problem": PROBLEM, "solution": SOLUTION_2_3, "answer": "5"}
+    student = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=4096))
+    run = types.SimpleNamespace(cfg=cfg, tok=qwen3_real_tok, teacher_model=object(), student=student)
+    batch = [{"row": row, "response": [5, 6, 7]}]
+    train.add_teacher_context(run, batch, 1.0)
+    assert batch[0]["teacher_prompt"] == teacher.teacher_prompt_ids(
+        qwen3_real_tok, PROBLEM, SOLUTION_2_3, "5", enable_thinking=True, closed_think=True)
+    assert batch[0]["teacher_prompt"][-4:] == encode(qwen3_real_tok, THINK_OFF)
+
+
 # ------------------------------------------------------------------ exact response alignment
 
 
@@ -267,6 +410,49 @@ def test_frozen_teacher_is_a_fixed_copy(tiny_llama):
     for n, p in t.named_parameters():
         torch.testing.assert_close(p, before[n], rtol=0, atol=0)
     assert not torch.equal(tiny_llama.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_frozen_teacher_with_bf16_linears_is_bit_identical_under_autocast(tied):
+    """choice 8: the frozen copy's linear weights in bf16 give exactly the fp32 copy's logits and hidden states under
+    bf16 autocast (and the chunked loss's lm_head matmul the same product), at half the bytes of those weights."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    import losses
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied)
+    student = Qwen3ForCausalLM(cfg).float().train()
+    ref = teacher.make_teacher(student)
+    half = teacher.make_teacher(student, linear_dtype=torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in half.named_parameters()}
+    linear = {f"{m}.weight" for m, mod in half.named_modules() if isinstance(mod, torch.nn.Linear)}
+    assert {n for n, d in dtypes.items() if d == torch.bfloat16} == linear - {"model.embed_tokens.weight"} - (
+        {"lm_head.weight"} if tied else set())
+    assert dtypes["model.embed_tokens.weight"] == dtypes["model.norm.weight"] == torch.float32
+    assert (half.lm_head.weight is half.model.embed_tokens.weight) == tied
+    assert all(not p.requires_grad for p in half.parameters()) and not half.training
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # the student is untouched
+    prompts, responses = [[5, 6, 7, 8, 9], [10, 11]], [[20, 21, 22], [30]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for hidden in (False, True):
+            a, _ = teacher.teacher_logits(ref, prompts, responses, hidden=hidden)
+            b, _ = teacher.teacher_logits(half, prompts, responses, hidden=hidden)
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    # the chunked loss multiplies by the teacher's lm_head itself, in bf16 (train.py under --dtype bfloat16)
+    h_s = torch.randn(2, 3, 32, requires_grad=True)
+    h_t = torch.randn(2, 3, 32)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    W = student.lm_head.weight
+    la, _ = losses.chunked_distill_loss(h_s, W, h_t, ref.lm_head.weight, mask, chunk_size=4,
+                                        matmul_dtype=torch.bfloat16)
+    lb, _ = losses.chunked_distill_loss(h_s, W, h_t, half.lm_head.weight, mask, chunk_size=4,
+                                        matmul_dtype=torch.bfloat16)
+    assert torch.equal(la, lb)
+    # the EMA copy keeps fp32 whatever is asked: bf16 would round its small updates away
+    ema = teacher.make_teacher(student, "ema", linear_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in ema.parameters())
 
 
 def test_live_teacher_is_the_student(tiny_llama):
@@ -499,3 +685,19 @@ def test_answer_logprob_matches_a_hand_loop(chatml_tok):
         start = len(prompts[b]) + len(lead)
         hand = sum(logp[start - 1 + j, tok].item() for j, tok in enumerate(target)) / len(target)
         assert math.isclose(g[b].item(), hand, rel_tol=1e-6, abs_tol=1e-6)
+
+
+def test_answer_span_starts_at_the_token_holding_the_last_boxed(embedded_dir):
+    # an independent check from the other end: the span's suffix decodes to a text holding the last \boxed, and the
+    # suffix one token shorter no longer holds all of it
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    for text in ["9 - 7 = 2.\nAnswer: \\boxed{1.33}", "So \\boxed{3} or maybe 4 + 1 = 5, so \\boxed{5}.", "x\\boxed{7}",
+                 "\\boxed{12}"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        k = teacher.answer_span_start(tok, ids)
+        tail = text[text.rfind("\\boxed"):]
+        assert tail in tok.decode(ids[k:]) and tail not in tok.decode(ids[k + 1:])
+    ids = tok("no box here: 12", add_special_tokens=False)["input_ids"]
+    assert teacher.answer_span_start(tok, ids) == len(ids)

@@ -25,12 +25,13 @@ def train_env(nproc=1):
 
 def pinned(args):
     """train.py's machine-dependent defaults made explicit unless a test sets them: HF rollouts (--rollout auto
-    takes vLLM wherever it is installed; the vLLM tests ask for it) and bf16 (--dtype auto measures the CPU)."""
+    takes vLLM wherever it is installed; the vLLM tests ask for it) and float32 (--dtype auto measures the CPU; bf16
+    is fast on some CPUs and emulated ~100x slower on those without bf16 units, fp32 is fast on all of them)."""
     args = list(args)
     if "--rollout" not in args:
         args += ["--rollout", "hf"]
     if "--dtype" not in args:
-        args += ["--dtype", "bfloat16"]
+        args += ["--dtype", "float32"]
     return args
 
 
@@ -63,13 +64,15 @@ def weights(folder):
 @pytest.mark.parametrize("method,expo,flags", [
     ("opsd", "full", []), ("dasd", "atesd", []), ("dasd_adv", "random", []), ("grpo", "full", []), ("sft", "full", []),
     ("opsd", "fixed", ["--topk", "20"]), ("dasd", "random", ["--topk", "20", "--chunk_size", "8"]),
-    # the chunked loss's bf16 lm_head matmuls over fp32 master weights, on any CPU; and its fp32 ones
-    pytest.param("dasd", "atesd", ["--lora_r", "8", "--teacher", "ema", "--chunk_size", "8", "--dtype", "bfloat16"],
-                 id="dasd-atesd-lora-bf16"),
+    # bf16 autocast and the chunked loss's bf16 lm_head matmuls over fp32 master weights, on any CPU: on a tiny model
+    # (the embedded tokenizer, random weights), because CPUs without bf16 units emulate it ~100x slower
+    pytest.param("dasd", "atesd", ["--lora_r", "8", "--teacher", "ema", "--chunk_size", "8", "--dtype", "bfloat16",
+                                   "--model", "TINY"], id="dasd-atesd-lora-bf16-tiny"),
     pytest.param("opsd", "full", ["--chunk_size", "8", "--dtype", "float32"], id="opsd-chunked-fp32"),
 ])
-def test_each_method_and_exposure_runs(tmp_path, embedded_dir, method, expo, flags):
+def test_each_method_and_exposure_runs(tmp_path, embedded_dir, method, expo, flags, request):
     extra = ["--samples_per_prompt", "2"] if method in ("grpo", "dasd_adv") else []
+    flags = [request.getfixturevalue("tiny_model_dir") if f == "TINY" else f for f in flags]
     run_train(tmp_path, "--method", method, "--exposure", expo, *TINY, *extra, *flags)
     m = read_metrics(tmp_path)
     assert [r["step"] for r in m] == [1, 2]
@@ -400,6 +403,109 @@ def test_attn_auto_is_eager_on_a_cpu_and_a_resume_keeps_the_runs_kernel():
         train.check_config(train.parse_config(["--attn", "flash"]))
 
 
+def test_chunk_size_auto_on_a_gpu_chunks_large_vocabularies():
+    import train
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    pick = lambda *flags, device=gpu, vocab=None, resume=None: train.choose_chunk_size(
+        train.parse_config(list(flags)), device, resume, vocab)
+    qwen3, smol = 151936, 49152
+    for method in ("opsd", "dasd", "sft"):
+        assert pick("--method", method, vocab=qwen3) == 512  # from train.LARGE_VOCAB = 65,536 entries on
+        assert pick("--method", method, vocab=smol) == 0  # a small vocabulary keeps the plain path on a GPU
+        assert pick("--method", method, vocab=smol, device=cpu) == 256  # the CPU rule ignores the vocabulary
+    assert pick("--method", "dasd", vocab=train.LARGE_VOCAB) == 512 and pick(vocab=train.LARGE_VOCAB - 1) == 0
+    assert pick("--method", "dasd", "--fsdp", vocab=qwen3) == 0  # FSDP2 shards the lm_head
+    assert pick("--method", "grpo", "--samples_per_prompt", "2", vocab=qwen3) == 0  # full logits anyway
+    assert pick("--method", "dasd", "--chunk_size", "0", vocab=qwen3) == 0  # an explicit value is kept
+    assert pick("--method", "dasd", vocab=qwen3, resume={"config": {"chunk_size": 0}}) == 0  # so is a run's
+
+
+def tiny_qwen3(attn="eager"):
+    """A tiny random Qwen3 (q/k norms, grouped-query attention) in float32, in training mode."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, attn_implementation=attn,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return Qwen3ForCausalLM(cfg).float().train()
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(attn, use_lora):
+    """One OPSD forward/backward (frozen teacher, padded batch) with and without checkpointing: the same loss and
+    the same gradient of every trained parameter (LoRA: A and B, reached through frozen blocks)."""
+    import copy
+
+    import losses
+    import lora
+    import teacher as teacherlib
+    import train
+
+    student = tiny_qwen3(attn)
+    if use_lora:
+        student = lora.add_lora(student, r=4, alpha=8)
+    frozen = teacherlib.make_teacher(student, "frozen")
+    with torch.no_grad():  # move the student away from its frozen teacher, so the loss and gradients are not ~0
+        for p in student.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    plain, ckpt = student, copy.deepcopy(student)
+    train.enable_gradient_checkpointing(ckpt)
+    net = ckpt.get_base_model() if use_lora else ckpt
+    assert all(layer.gradient_checkpointing for layer in net.model.layers)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in frozen.modules())  # the copy came first
+    prompts, responses = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5]], [[20, 21, 22, 23], [30], [40, 41]]
+    results = []
+    for model in (plain, ckpt):
+        t_logits, _ = teacherlib.teacher_logits(frozen if not use_lora else teacherlib.make_teacher(model), prompts,
+                                                responses)
+        s_logits, mask = teacherlib.response_forward(model, prompts, responses)
+        loss, _ = losses.opsd_loss(s_logits, t_logits, mask)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a.item() > 1e-4
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-9)
+    assert grads_a.keys() == grads_b.keys() and all(g is not None for g in grads_b.values())
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-5, atol=1e-8, msg=n)
+
+
+def test_generate_under_gradient_checkpointing_samples_the_same_tokens():
+    """HF rollouts sample from the live student: with checkpointing on (a training-mode setting), generate keeps its
+    KV cache (it runs in eval mode) and samples exactly the tokens and log-probs it samples without it."""
+    from types import SimpleNamespace
+
+    import rollout
+    import train
+
+    tok = SimpleNamespace(eos_token_id=2, pad_token_id=0, get_vocab=lambda: {})
+    prompts = [[1, 5, 9, 11, 3], [1, 7], [1, 20, 21, 22, 23, 24, 25, 8]]
+    out = []
+    for ckpt in (False, True):
+        model = tiny_qwen3("sdpa")
+        if ckpt:
+            train.enable_gradient_checkpointing(model)
+        engine = rollout.make_rollout("hf", model=model, tokenizer=tok)
+        samples = engine.generate(prompts, n=2, max_new_tokens=12, temperature=1.0, seed=5)
+        assert model.training  # generate's eval mode is undone
+        out.append([(s.token_ids, s.logprobs) for s in samples])
+    assert out[0] == out[1] and sum(len(t) for t, _ in out[0]) > 12
+
+
+def test_gradient_checkpointing_auto_is_on_with_a_gpu_only():
+    import train
+
+    pick = lambda *flags, device="cpu": train.choose_gradient_checkpointing(train.parse_config(list(flags)),
+                                                                            torch.device(device))
+    assert pick() is False and pick(device="cuda") is True
+    assert pick("--gradient_checkpointing") is True and pick("--gradient_checkpointing", "false", device="cuda") is False
+    assert pick("--gradient_checkpointing", "none", device="cuda") is True  # none = auto
+
+
 def test_resume_refuses_a_flag_that_changes_the_trained_network(tmp_path):
     import dataclasses
 
@@ -473,3 +579,142 @@ def test_student_confidence_from_hidden_states_equals_a_per_token_loop():
     for got in (from_logits, from_hidden):
         assert got["student/nll"] == pytest.approx(nll, rel=1e-9)
         assert got["student/confidence"] == pytest.approx(top1, rel=1e-9)
+
+
+class RecordingEngine:
+    """A rollout engine that models vLLM's sleep mode and records every call. Loading weights into a sleeping
+    engine, or sampling while any part is asleep, is an error; each generate records whether the engine's weights
+    are the live student's at that moment (the on-policy condition)."""
+    backend = "vllm"
+
+    def __init__(self, student, tok):
+        self.student, self.tok, self.calls, self.on_policy = student, tok, [], []
+        self.asleep = set()
+        self.weights = self.checksum()  # vLLM loads the start model's weights from disk
+
+    def checksum(self):
+        return sum(float(p.detach().double().sum()) for p in self.student.parameters())
+
+    def wake_up(self, tags=None):
+        tags = tuple(tags or ("weights", "kv_cache"))
+        self.calls.append(("wake_up",) + tags)
+        self.asleep -= set(tags)
+
+    def sleep(self, level=1):
+        self.calls.append(("sleep",))
+        self.asleep = {"weights", "kv_cache"}
+
+    def sync_weights(self, model):
+        self.calls.append(("sync_weights",))
+        assert "weights" not in self.asleep, "weights loaded into a sleeping engine"
+        self.weights = self.checksum()
+
+    def generate(self, prompt_ids, *, n=1, max_new_tokens=8, seed=None, **kw):
+        import rollout
+
+        self.calls.append(("generate",))
+        assert not self.asleep, f"sampling while {sorted(self.asleep)} sleeps"
+        self.on_policy.append(self.weights == self.checksum())
+        resp = self.tok("The answer is \\boxed{3}", add_special_tokens=False)["input_ids"][:max_new_tokens]
+        return [rollout.Sample(i, list(resp), [-1.0] * len(resp), "length", True)
+                for i in range(len(prompt_ids)) for _ in range(n)]
+
+    def shutdown(self):
+        pass
+
+
+def test_sleeping_vllm_engine_is_woken_synced_then_sampled(tmp_path, embedded_dir, monkeypatch):
+    # --vllm_sleep: per step wake the weights, load the last update into them, wake the KV cache, sample, sleep.
+    # The old order (wake, generate, sleep, train, sync) loads weights into the sleeping engine and fails here.
+    import train
+
+    engines = []
+
+    def make(backend, *, model=None, tokenizer=None, **kw):
+        assert backend == "vllm"
+        engines.append(RecordingEngine(model, tokenizer))
+        return engines[-1]
+
+    monkeypatch.setattr(train.rollout, "make_rollout", make)
+    args = ["--method", "opsd", "--exposure", "full", "--rollout", "vllm", "--vllm_sleep", "true", "--dtype",
+            "float32", "--prompts_per_step", "2", "--max_new_tokens", "8", "--micro_batch", "2", "--lr", "1e-4",
+            "--save_every", "2", "--out_dir", str(tmp_path)]
+    train.main(args + ["--steps", "2"])
+    e = engines[0]
+    step = [("wake_up", "weights"), ("sync_weights",), ("wake_up", "kv_cache"), ("generate",), ("sleep",)]
+    first = [c for c in step if c != ("sync_weights",)]  # the fresh engine already holds the start weights
+    assert e.calls == first + step
+    assert e.on_policy == [True, True]
+    # a resumed run's engine starts from the start model: it loads the checkpoint's weights before it samples
+    train.main(args + ["--steps", "3", "--resume"])
+    e = engines[1]
+    assert e.calls == step and e.on_policy == [True]
+
+
+def test_ranks_of_one_tensor_parallel_group_sample_with_one_seed():
+    # vLLM tensor parallelism: ranks 2g and 2g+1 run one engine and must submit identical seeded requests;
+    # without tensor parallelism (and with HF generate) every rank has its own seed
+    from types import SimpleNamespace
+
+    import train
+
+    def ranks(backend, tp, world=4):
+        return [train.sampler_rank(SimpleNamespace(cfg=SimpleNamespace(vllm_tensor_parallel_size=tp), rank=r,
+                                                   engine=SimpleNamespace(backend=backend))) for r in range(world)]
+
+    assert ranks("vllm", 2) == [0, 0, 1, 1]
+    assert ranks("vllm", 4) == [0, 0, 0, 0]
+    assert ranks("vllm", 1) == [0, 1, 2, 3]
+    assert ranks("hf", 2) == [0, 1, 2, 3]  # the flag means nothing to HF generate: each rank samples alone
+
+
+def test_rollout_context_is_the_longest_student_prompt_plus_max_new_tokens(embedded_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    import data
+    import teacher
+    import train
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    rows = data.load_dataset("embedded", split="train")[:500]
+    rows.append({"problem": "Compute " + " + ".join(str(i) for i in range(120)) + ".", "solution": "s", "answer": "1"})
+    cfg = train.parse_config(["--max_new_tokens", "100"])
+    brute = max(len(teacher.student_prompt_ids(tok, r["problem"])) for r in rows)  # every prompt rendered
+    assert train.rollout_context(cfg, rows, tok, SimpleNamespace(max_position_embeddings=8192)) == brute + 100
+    with pytest.raises(SystemExit, match=r"row 500: its student prompt \(\d+ tokens\) plus --max_new_tokens 100"):
+        train.rollout_context(cfg, rows, tok, SimpleNamespace(max_position_embeddings=brute + 99))
+
+
+@pytest.mark.parametrize("chunk_size", [0, 4])
+def test_distill_mask_answer_leaves_the_answer_span_out_of_the_loss(tiny_llama, chunk_size):
+    # the loss with --distill_mask_answer equals losses.opsd_loss over the tokens before each response's span, and
+    # its token count is those tokens only
+    import contextlib
+
+    import losses
+    import teacher as teacherlib
+    import train
+
+    g = torch.Generator().manual_seed(0)
+    mb = [{"student_prompt": torch.randint(3, 64, (n,), generator=g).tolist(),
+           "teacher_prompt": torch.randint(3, 64, (n + 4,), generator=g).tolist(),
+           "response": torch.randint(3, 64, (t,), generator=g).tolist(), "loss_len": k}
+          for n, t, k in [(5, 9, 6), (7, 6, 6), (4, 8, 0)]]
+    teacher_model = teacherlib.make_teacher(tiny_llama, mode="frozen")
+    cfg = train.parse_config(["--method", "opsd", "--distill_mask_answer", "true", "--chunk_size", str(chunk_size),
+                              "--dtype", "float32", "--clip", "none"])
+    loss, n, _ = train.microbatch_loss(cfg, tiny_llama, teacher_model, tiny_llama.get_output_embeddings(), None, mb,
+                                       1.0, contextlib.nullcontext)
+    with torch.no_grad():
+        zs, mask = teacherlib.response_forward(tiny_llama, [b["student_prompt"] for b in mb], [b["response"] for b in mb])
+        zt, _ = teacherlib.response_forward(tiny_llama, [b["teacher_prompt"] for b in mb], [b["response"] for b in mb])
+    cut = mask.clone()
+    for i, b in enumerate(mb):
+        cut[i, b["loss_len"]:] = 0
+    ref, _ = losses.opsd_loss(zs, zt, cut, beta=0.0, clip=None)
+    assert n == 6 + 6 + 0
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    full, _ = losses.opsd_loss(zs, zt, mask, beta=0.0, clip=None)
+    assert abs(full.item() - ref.item()) > 1e-4  # the span's tokens did count without the flag
