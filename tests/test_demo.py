@@ -59,8 +59,9 @@ def test_check_summary_names_the_bad_field(field, value, message):
         demo.check_summary(s)
 
 
-def test_committed_demo_summary_is_well_formed():
-    path = os.path.join(ROOT, "results", "demo", "summary.json")
+@pytest.mark.parametrize("folder", ["demo", "demo_fp32"])
+def test_committed_demo_summary_is_well_formed(folder):
+    path = os.path.join(ROOT, "results", folder, "summary.json")
     if not os.path.exists(path):
         pytest.skip("no results/demo/summary.json committed")
     with open(path) as f:
