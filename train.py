@@ -12,7 +12,8 @@ One step of the algorithm (OPSD family), one function each, in the order main() 
   3. train_on_batch       teacher forward (no grad) and student forward on the same tokens y; per-token
                           loss D(p_T || p_S) (OPSD) or entropy-routed pull/push (DASD), token mean over
                           the global batch; backward, clip, one optimizer step  (microbatch_loss, losses.py)
-  4. sync_weights         push the new weights into the rollout engine (and the EMA teacher)
+  4. sync_weights         mark the rollout engine stale (prepare_engine loads the new weights right before the
+                          next rollout, waking a sleeping engine first) and move the EMA teacher
   5. step_metrics, observe_controller   log, and tell the exposure controller how the loss moved (its
                           reward arrives L steps later)
   GRPO adds group advantages between 1 and 2 (add_advantages); SFT replaces 1 by the reference solutions.
