@@ -121,6 +121,10 @@ class Config:
     """opsd/dasd: leave the final-answer span (each response from its last \\boxed on, teacher.answer_span_start)
     out of the distillation loss and its token mean. A teacher that sees the answer pulls the student's box toward
     it whatever the student's chain computed (README choice 23)."""
+    sft_reader_share: float = 0.0
+    """sft only: the share of rows whose prompt is the *teacher's* (teacher.teacher_prompt_ids, the reference revealed
+    at an alpha drawn from READER_ALPHAS per row) instead of the student's; the target stays the reference solution.
+    0.5 builds the "reader" warm start (README choice 24): a model whose teacher context is read, not ignored."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off by default: loading a model must not execute foreign code."""
 
@@ -311,6 +315,11 @@ def check_config(cfg):
         errors.append("--method grpo needs --samples_per_prompt >= 2 (advantages are relative to the group)")
     if cfg.distill_mask_answer and cfg.method not in ("opsd", "dasd"):
         errors.append(f"--distill_mask_answer applies to the distillation losses (opsd, dasd), not --method {cfg.method}")
+    if not 0.0 <= cfg.sft_reader_share <= 1.0:
+        errors.append(f"--sft_reader_share {cfg.sft_reader_share} must be in [0, 1]")
+    if cfg.sft_reader_share > 0 and cfg.method != "sft":
+        errors.append(f"--sft_reader_share trains on teacher prompts with the SFT loss; it needs --method sft, "
+                      f"not {cfg.method}")
     if not cfg.teacher_show_answer and cfg.method in ("grpo", "sft"):
         errors.append(f"--teacher_show_answer false: --method {cfg.method} has no teacher")
     if cfg.method in ("grpo", "sft") and cfg.exposure != "full":
@@ -506,6 +515,7 @@ def rollout_context(cfg, rows, tok, model_config):
 
 
 # the flags that define the trained network and its optimizer state: a resume must not change them
+READER_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # --sft_reader_share: the exposures a reader row's prompt is drawn from
 RESUME_FIXED = ("model", "method", "teacher", "lora_r", "lora_alpha", "lora_targets")
 
 
@@ -725,8 +735,14 @@ def sample_batch(run, my_rows, step):
                     for r in my_rows]
     batch, rewards = [], []
     if cfg.method == "sft":
-        for r, p in zip(my_rows, s_prompt_ids):
+        for i, (r, p) in enumerate(zip(my_rows, s_prompt_ids)):
             resp = tok(r["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            if cfg.sft_reader_share > 0:  # one draw per (seed, step, rank, row): resumes and reruns repeat it
+                g = np.random.default_rng([cfg.seed, step, run.rank, i])
+                if g.random() < cfg.sft_reader_share:
+                    p = teacherlib.teacher_prompt_ids(
+                        tok, r["problem"], r["solution"], r["answer"], alpha=float(g.choice(READER_ALPHAS)),
+                        enable_thinking=cfg.teacher_thinking, closed_think=cfg.teacher_closed_think)
             batch.append({"student_prompt": p, "response": resp[: cfg.max_new_tokens], "answer": r["answer"]})
         return batch, rewards  # never empty: at least the end-of-sequence token
     # the hf backend samples from the live fp32 model (bf16 matmuls under autocast, as training); vLLM holds its own

@@ -54,6 +54,12 @@ import model as modellib  # noqa: E402
 # dtype included, is the cache key: a bf16 build and an fp32 build are two cache entries, never mixed.
 WARM_START = ["--method", "sft", "--steps", "30", "--prompts_per_step", "16", "--micro_batch", "8",
               "--lr", "1e-4", "--max_new_tokens", "128"]
+# The *reader* warm start (README choice 24): twice the steps, and half the rows trained from the teacher's prompt
+# (the training-split reference revealed at alpha in train.READER_ALPHAS) to the same reference. Its teacher reads
+# the context it is shown, as a large model's does: the testbed where the answer leak shows (results/leak/).
+READER_START = [*WARM_START[:WARM_START.index("--steps")], "--steps", "60",
+                *WARM_START[WARM_START.index("--steps") + 2:], "--sft_reader_share", "0.5"]
+WARM_STARTS = {"format": WARM_START, "reader": READER_START}
 # Pinned when the warm start is built, outside the cache key: train.py's defaults when the cached builds were made
 # (the plain loss on full logits, the per-parameter AdamW, micro-batches in the batch's order, sdpa attention),
 # so one key keeps building the same model.
@@ -83,9 +89,12 @@ def resolve_dtype(dtype):
     return machine_dtype() if dtype in (None, "auto") else dtype
 
 
-def warm_start_recipe(dtype=None):
-    """The warm start's train.py flags in a dtype (default: this machine's faster one)."""
-    return [*WARM_START, "--dtype", resolve_dtype(dtype), "--seed", "0"]
+def warm_start_recipe(dtype=None, kind="format"):
+    """The warm start's train.py flags in a dtype (default: this machine's faster one). kind: "format" (WARM_START)
+    or "reader" (READER_START)."""
+    if kind not in WARM_STARTS:
+        raise ValueError(f"warm start {kind!r}: choose {', '.join(WARM_STARTS)}")
+    return [*WARM_STARTS[kind], "--dtype", resolve_dtype(dtype), "--seed", "0"]
 
 
 def warm_start_dir(recipe=None):
@@ -102,7 +111,8 @@ def ensure_warm_start(py, recipe=None):
         return final
     work = final + ".run"
     os.makedirs(work, exist_ok=True)
-    print(f"set-up: format warm start (SFT on training-split solutions, once) -> {final}", flush=True)
+    kind = "reader" if "--sft_reader_share" in recipe else "format"
+    print(f"set-up: {kind} warm start (SFT on training-split solutions, once) -> {final}", flush=True)
     resume = ["--resume"] if os.path.isdir(os.path.join(work, "ckpt")) else []
     run([py, "train.py", *recipe, *WARM_START_PINNED, "--save_every", "5", "--out_dir", work, *resume],
         os.path.join(work, "train.log"))
@@ -218,8 +228,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=8, help="training steps")
     ap.add_argument("--train_args", default="--prompts_per_step 16 --micro_batch 8 --lr 1e-5 --max_new_tokens 96",
                     help="further train.py flags")
-    ap.add_argument("--warm_start", default="sft", choices=["sft", "none"],
-                    help="start from the cached format warm start, or from the embedded model itself")
+    ap.add_argument("--warm_start", default="sft", choices=["sft", "reader", "none"],
+                    help="start from the cached format warm start (sft), the cached reader warm start (reader: its "
+                         "teacher reads the reference; README choice 24), or the embedded model itself")
     ap.add_argument("--n_problems", type=int, default=200, help="embedded test problems evaluated")
     ap.add_argument("--k", type=int, default=4, help="samples per problem")
     ap.add_argument("--max_new_tokens", type=int, default=96, help="evaluation response cap")
@@ -247,8 +258,8 @@ def main(argv=None):
         with open(settings_path, "w") as f:
             json.dump(settings, f, indent=2)
     t_setup = time.time()
-    start = ensure_warm_start(py, warm_start_recipe(args.dtype)) if args.warm_start == "sft" \
-        else modellib.embedded_model_dir()
+    kind = {"sft": "format", "reader": "reader"}.get(args.warm_start)
+    start = ensure_warm_start(py, warm_start_recipe(args.dtype, kind)) if kind else modellib.embedded_model_dir()
     eval_args = ["--n_problems", str(args.n_problems), "--k", str(args.k), "--max_new_tokens", str(args.max_new_tokens),
                  "--rollout", args.rollout, "--dtype", args.dtype, "--batch_problems", str(args.n_problems),
                  "--no_entropy"]
