@@ -118,9 +118,9 @@ class Config:
     false: the revealed steps only (teacher.reveal's show_answer), a teacher that cannot copy the answer into the
     student's box (README choice 23)."""
     distill_mask_answer: bool = False
-    """opsd/dasd: leave the final-answer span (each response from its last \\boxed on, teacher.answer_span_start)
-    out of the distillation loss and its token mean. A teacher that sees the answer pulls the student's box toward
-    it whatever the student's chain computed (README choice 23)."""
+    """opsd/dasd/dasd_adv: leave the final-answer span (each response from its last \\boxed on,
+    teacher.answer_span_start) out of the loss and its token mean. A teacher that sees the answer pulls the student's
+    box toward it whatever the student's chain computed (README choice 23)."""
     sft_reader_share: float = 0.0
     """sft only: the share of rows whose prompt is the *teacher's* (teacher.teacher_prompt_ids, the reference revealed
     at an alpha drawn from READER_ALPHAS per row) instead of the student's; the target stays the reference solution.
@@ -313,8 +313,9 @@ def check_config(cfg):
         errors.append(f"--teacher {cfg.teacher!r}: choose frozen, live or ema")
     if cfg.method == "grpo" and cfg.samples_per_prompt < 2:
         errors.append("--method grpo needs --samples_per_prompt >= 2 (advantages are relative to the group)")
-    if cfg.distill_mask_answer and cfg.method not in ("opsd", "dasd"):
-        errors.append(f"--distill_mask_answer applies to the distillation losses (opsd, dasd), not --method {cfg.method}")
+    if cfg.distill_mask_answer and cfg.method not in ("opsd", "dasd", "dasd_adv"):
+        errors.append(f"--distill_mask_answer applies to the losses with a teacher (opsd, dasd, dasd_adv), not "
+                      f"--method {cfg.method}")
     if not 0.0 <= cfg.sft_reader_share <= 1.0:
         errors.append(f"--sft_reader_share {cfg.sft_reader_share} must be in [0, 1]")
     if cfg.sft_reader_share > 0 and cfg.method != "sft":

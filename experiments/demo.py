@@ -48,6 +48,7 @@ sys.path.insert(0, ROOT)
 
 import evaluate  # noqa: E402
 import model as modellib  # noqa: E402
+from disagreement import consistency  # noqa: E402  (experiments/disagreement.py: box/chain consistency)
 
 # The warm-start recipe (flags of train.py --method sft) with the dtype of the machine at hand (warm_start_recipe):
 # bf16 where its matmuls are faster, fp32 elsewhere (CPUs without bf16 units emulate it ~100x slower). The recipe,
@@ -125,12 +126,16 @@ def ensure_warm_start(py, recipe=None):
     return final
 
 
+def start_eval_dir(start, eval_args):
+    key = hashlib.sha256(json.dumps([os.path.abspath(start), eval_args]).encode()).hexdigest()[:10]
+    return os.path.join(modellib.cache_root(), f"start-eval-{key}")
+
+
 def ensure_start_eval(py, start, eval_args):
     """evaluate.py's report on the start point, cached beside the warm start: it depends only on the model, the
     evaluation flags (problems, k, cap, backend, dtype, seed) and the machine, so a demo evaluates only the trained
     model in its timed part and pairs it with this one. Written once, atomically."""
-    key = hashlib.sha256(json.dumps([os.path.abspath(start), eval_args]).encode()).hexdigest()[:10]
-    folder = os.path.join(modellib.cache_root(), f"start-eval-{key}")
+    folder = start_eval_dir(start, eval_args)
     path = os.path.join(folder, "report.json")
     if not os.path.exists(path):
         print(f"set-up: the start point's evaluation (once) -> {folder}", flush=True)
@@ -141,6 +146,12 @@ def ensure_start_eval(py, start, eval_args):
         os.replace(folder + ".tmp", folder)
     with open(path) as f:
         return json.load(f)
+
+
+def samples_consistency(folder):
+    """Box/chain consistency (disagreement.consistency) of the samples.jsonl in an evaluation folder."""
+    with open(os.path.join(folder, "samples.jsonl")) as f:
+        return consistency([json.loads(line) for line in f if line.strip()])
 
 
 def paired_report(start_report, trained_report):
@@ -294,6 +305,9 @@ def main(argv=None):
     summary["setup_minutes"] = round(setup_minutes, 2)  # 0 when the warm start and its evaluation were cached
     summary["dtype"] = args.dtype
     summary["warm_start"] = args.warm_start
+    # the answer leak, visible beside the interval: does each boxed answer still follow from its own chain?
+    summary["box_follows_chain"] = {"start": samples_consistency(start_eval_dir(start, eval_args)),
+                                    "trained": samples_consistency(eval_dir)}
     check_summary(summary)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -301,6 +315,9 @@ def main(argv=None):
     print(f"\nAvg@{args.k} on {summary['n_problems']} test problems: start {summary['start_avg']:.2f} -> "
           f"{args.method} {summary['trained_avg']:.2f}; paired difference {summary['diff']:+.2f} points, "
           f"95% CI [{lo:+.2f}, {hi:+.2f}]" + (" (includes 0)" if lo <= 0 <= hi else "")
+          + "\nbox = the chain's last number: " + ", ".join(
+              f"{who} {c['box_equals_chain']}/{c['with_box_and_chain']} ({c['chain_right_box_not']} chains end at the "
+              f"gold answer with another number boxed)" for who, c in summary["box_follows_chain"].items())
           + f"\n{minutes:.1f} min after set-up; {out}/summary.json")
 
 

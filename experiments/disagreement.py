@@ -7,6 +7,11 @@ the mean per-token KL of correct and of wrong samples, and, for a few wrong samp
 KL with the student's token and the teacher's preferred one. This is the signal every distillation loss here
 is built from: where it sits says what the student is pulled toward.
 
+Token kinds (token_kinds): the final-answer span, "result digits" (a number the chain writes right after '=', derived
+from its own earlier numbers), "other digits" (operands), "words" and the end-of-sequence token. Per kind: the share
+of the tokens, of the KL, and of each loss's gradient at the student's logits (logit_grad_norms: opsd's forward KL,
+whose gradient per token is p_S - p_T, and dasd's pull/push form).
+
 The answer leak. A teacher that sees the reference's answer puts its mass on that number inside \\boxed{} after
 any chain of work, right or wrong; the student, which cannot see it, is pulled toward a box that does not follow
 from its own work. Two measurements of it:
@@ -32,6 +37,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import losses  # noqa: E402
 import model as modellib  # noqa: E402
 import teacher  # noqa: E402
 
@@ -74,17 +80,106 @@ def consistency(samples):
     return {"with_box_and_chain": n, "box_equals_chain": agree, "chain_right_box_not": cut_loose}
 
 
-def token_kl(m, tok, row, response, alpha):
+def token_kl(m, tok, row, response, alpha, *, show_answer=True):
     """(T,) forward KL per response token, and the (T, V) student and teacher log-probs."""
     resp = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     sp = teacher.student_prompt_ids(tok, row["problem"])
-    tp = teacher.teacher_prompt_ids(tok, row["problem"], row["solution"], row["answer"], alpha=alpha)
+    tp = teacher.teacher_prompt_ids(tok, row["problem"], row["solution"], row["answer"], alpha=alpha,
+                                    show_answer=show_answer)
     with torch.no_grad():
         ls, _ = teacher.response_forward(m, [sp], [resp])  # (1, T, V)
         lt, _ = teacher.response_forward(m, [tp], [resp])
     lps, lpt = torch.log_softmax(ls[0].float(), -1), torch.log_softmax(lt[0].float(), -1)  # (T, V)
     kl = (lpt.exp() * (lpt - lps)).sum(-1)  # (T,)
     return resp, kl, lps, lpt
+
+
+def logit_grad_norms(lps, lpt, method):
+    """(T,) the norm of d loss / d student logits per token, for the loss of `method` on one response (opsd:
+    forward KL; dasd: the entropy-routed pull/push form with its defaults; no clipping), times T so that it does
+    not depend on the token mean. For opsd it equals ||p_S - p_T||. The DASD gate ranks the entropies of this one
+    response, not of a training batch."""
+    z = lps.detach().clone().requires_grad_(True)  # log-probs are logits up to a constant per row
+    t = lpt[None]
+    mask = torch.ones(1, z.shape[0])
+    if method == "opsd":
+        loss, _ = losses.opsd_loss(z[None], t, mask, clip=None)
+    else:
+        loss, _ = losses.dasd_loss(z[None], t, mask, clip=None)
+    (g,) = torch.autograd.grad(loss, z)
+    return g.norm(dim=-1) * z.shape[0]
+
+
+def teacher_accuracy(m, tok, rows, *, alphas=(0.0, 1.0), max_new_tokens=96, seed=0, show_answer=True):
+    """Does the teacher read its context? The share of `rows` answered correctly by one sample (temperature 1) from
+    the student's prompt ("student") and from the teacher's prompt at each alpha: a model that reads the reference it
+    is shown scores near 100 from the teacher's prompt, one that ignores it scores what its student does."""
+    import evaluate
+    import rollout
+
+    engine = rollout.HFRollout(m, tok, seed=seed)
+    prompts = {"student": [teacher.student_prompt_ids(tok, r["problem"]) for r in rows]}
+    for a in alphas:
+        prompts[f"teacher alpha={a:g}"] = [
+            teacher.teacher_prompt_ids(tok, r["problem"], r["solution"], r["answer"], alpha=a, show_answer=show_answer)
+            for r in rows]
+    out = {}
+    for name, ps in prompts.items():
+        samples = engine.generate(ps, n=1, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+        ok = [evaluate.check_answer(tok.decode(s.token_ids, skip_special_tokens=True), rows[s.prompt_index]["answer"])
+              for s in samples]
+        out[name] = 100.0 * sum(ok) / len(ok)
+    return out
+
+
+DIGITS = set("0123456789")
+
+
+def token_kinds(tok, resp, span):
+    """One label per response token: "answer span" (from the last \\boxed on), "result digits" (a number the
+    chain writes right after '=': derived from its own earlier numbers), "other digits" (operands), "words"
+    (everything else), "eos"."""
+    kinds = []
+    for t, tid in enumerate(resp):
+        if tid == tok.eos_token_id:
+            kinds.append("eos")
+        elif t >= span:
+            kinds.append("answer span")
+        elif DIGITS & set(tok.decode([tid])):
+            before = tok.decode(resp[:t]).rstrip("0123456789.,/ ")
+            kinds.append("result digits" if before.endswith("=") else "other digits")
+        else:
+            kinds.append("words")
+    return kinds
+
+
+KINDS = ("answer span", "result digits", "other digits", "words", "eos")
+
+
+def shares(m, tok, rows, samples, *, alpha=1.0, show_answer=True, methods=("opsd", "dasd")):
+    """Per token kind: the number of tokens, the mean KL, the share of the total KL and, per method, the share of
+    the loss's gradient at the logits, over `samples` scored by model `m` as student and as teacher."""
+    n_tok, kl_sum = collections.Counter(), collections.Counter()
+    g_sum = {meth: collections.Counter() for meth in methods}
+    for s in samples:
+        row = rows[s["problem_id"]]
+        resp, kl, lps, lpt = token_kl(m, tok, row, s["response"], alpha, show_answer=show_answer)
+        kinds = token_kinds(tok, resp, teacher.answer_span_start(tok, resp))
+        grads = {meth: logit_grad_norms(lps, lpt, meth) for meth in methods}
+        for t, kind in enumerate(kinds):
+            n_tok[kind] += 1
+            kl_sum[kind] += kl[t].item()
+            for meth in methods:
+                g_sum[meth][kind] += grads[meth][t].item()
+    total_kl = sum(kl_sum.values()) or 1.0
+    out = {}
+    for kind in KINDS:
+        if n_tok[kind]:
+            out[kind] = {"tokens": n_tok[kind], "token_share": n_tok[kind] / sum(n_tok.values()),
+                         "mean_kl": kl_sum[kind] / n_tok[kind], "kl_share": kl_sum[kind] / total_kl,
+                         **{f"grad_share_{meth}": g_sum[meth][kind] / (sum(g_sum[meth].values()) or 1.0)
+                            for meth in methods}}
+    return out
 
 
 def main(argv=None):
@@ -97,6 +192,12 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=96, help="samples scored")
     ap.add_argument("--alpha", type=float, default=1.0, help="exposure of the teacher")
     ap.add_argument("--show", type=int, default=4, help="wrong samples printed token by token")
+    ap.add_argument("--show_answer", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                    help="false: the teacher's context without the reference's answer line (train.py's flag)")
+    ap.add_argument("--teacher_accuracy", type=int, default=0, metavar="N",
+                    help="also sample once from the student's and the teacher's prompts (alpha 0 and 1) on the first N "
+                         "test problems and print the accuracies: does the teacher read its reference?")
+    ap.add_argument("--json", default=None, help="also write the table and the consistency counts here")
     args = ap.parse_args(argv)
 
     if args.consistency_only:
@@ -117,21 +218,12 @@ def main(argv=None):
     label = args.label or samples[0]["model"]
     samples = [s for s in samples if s["model"] == label][: args.n]
 
-    kl_sum, n_tok = collections.Counter(), collections.Counter()
-    per_sample = {True: [], False: []}
     shown = 0
     for s in samples:
-        row = rows[s["problem_id"]]
-        resp, kl, lps, lpt = token_kl(m, tok, row, s["response"], args.alpha)
-        per_sample[bool(s["correct"])].append(kl.mean().item())
-        span = teacher.answer_span_start(tok, resp)
-        for t, tid in enumerate(resp):
-            kind = "eos" if tid == tok.eos_token_id else "answer span" if t >= span else \
-                "digit" if tok.decode([tid]).strip().isdigit() else "other"
-            kl_sum[kind] += kl[t].item()
-            n_tok[kind] += 1
         if shown < args.show and not s["correct"]:
             shown += 1
+            row = rows[s["problem_id"]]
+            resp, kl, lps, lpt = token_kl(m, tok, row, s["response"], args.alpha, show_answer=args.show_answer)
             print(f"--- {row['problem'][:100]}  (gold {row['answer']})")
             print("    student: " + s["response"][:200].replace("\n", " | "))
             for t in sorted(torch.topk(kl, min(3, len(resp))).indices.tolist()):
@@ -139,17 +231,27 @@ def main(argv=None):
                 mine, best = tok.decode([resp[t]]), tok.decode([lpt[t].argmax().item()]).replace("\n", "\\n")
                 print(f"    KL {kl[t]:5.2f} after '{before}': student wrote '{mine}' (p_S {lps[t, resp[t]].exp():.2f},"
                       f" p_T {lpt[t, resp[t]].exp():.2f}); teacher's top '{best}' (p_T {lpt[t].max().exp():.2f})")
-    total = sum(kl_sum.values())
-    print(f"\n{len(samples)} samples of {label}, teacher exposure alpha = {args.alpha}")
-    for kind in ("answer span", "digit", "other", "eos"):
-        if n_tok[kind]:
-            print(f"  {kind:11s}: {n_tok[kind]:5d} tokens, mean KL {kl_sum[kind] / n_tok[kind]:.3f} nats, "
-                  f"{100 * kl_sum[kind] / total:.0f}% of the total KL")
-    for ok in (True, False):
-        if per_sample[ok]:
-            print(f"  mean per-token KL of {'correct' if ok else 'wrong'} samples: "
-                  f"{sum(per_sample[ok]) / len(per_sample[ok]):.3f} ({len(per_sample[ok])} samples)")
+    table = shares(m, tok, rows, samples, alpha=args.alpha, show_answer=args.show_answer)
+    print(f"\n{len(samples)} samples of {label}, teacher exposure alpha = {args.alpha}"
+          + ("" if args.show_answer else ", answer line hidden"))
+    print(f"  {'tokens':13s} {'n':>6s} {'share':>6s} {'mean KL':>8s} {'KL share':>9s} "
+          f"{'grad opsd':>10s} {'grad dasd':>10s}")
+    for kind, r in table.items():
+        print(f"  {kind:13s} {r['tokens']:6d} {100 * r['token_share']:5.1f}% {r['mean_kl']:8.3f} "
+              f"{100 * r['kl_share']:8.1f}% {100 * r['grad_share_opsd']:9.1f}% {100 * r['grad_share_dasd']:9.1f}%")
     c = consistency(samples)
+    reads = None
+    if args.teacher_accuracy:
+        reads = teacher_accuracy(m, tok, data.embedded_split("test")[: args.teacher_accuracy],
+                                 show_answer=args.show_answer)
+        print(f"  accuracy of one sample on {args.teacher_accuracy} test problems: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in reads.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "samples": args.samples[0], "label": label, "n": len(samples),
+                       "alpha": args.alpha, "show_answer": args.show_answer, "shares": table, "consistency": c,
+                       "teacher_accuracy": reads},
+                      f, indent=2)
     print(f"  box = the chain's last number in {c['box_equals_chain']}/{c['with_box_and_chain']} samples; chain ends at "
           f"the gold answer while the box holds something else: {c['chain_right_box_not']}")
 

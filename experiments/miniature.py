@@ -87,6 +87,7 @@ METHODS = {
     "dasd_atesd": ["--method", "dasd", "--exposure", "atesd"],
 }
 ORDER = ["base"] + list(METHODS)
+WARM_STARTS = {"warmstart": "format", "reader": "reader"}  # --model -> demo.warm_start_recipe's kind
 # evaluations of later builds of the start model, one folder per build: runs/start_builds/<sha256 prefix>/seed<s>
 START_BUILDS = "start_builds"
 # one colour and line style per method, the same in every panel and figure
@@ -105,8 +106,9 @@ def build_parser():
     g = ap.add_argument_group("budget (the same for every method)")
     g.add_argument("--model", default="warmstart",
                    help="start point of every run and the 'base' row: 'warmstart' (the demo's cached format warm "
-                        "start, built once; README choice 13), 'embedded' (SmolLM2-135M-Instruct itself), or a "
-                        "model folder")
+                        "start, built once; README choice 13), 'reader' (the cached reader warm start, whose "
+                        "teacher reads its reference; README choice 24), 'embedded' (SmolLM2-135M-Instruct "
+                        "itself), or a model folder")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="one dtype for every run of the folder and its warm start; auto: the faster matmul of this "
                         "CPU, measured once at the start and recorded in budget.json (a folder keeps one dtype)")
@@ -126,6 +128,9 @@ def build_parser():
     g.add_argument("--atesd", nargs=3, type=int, default=[1, 2, 2], metavar=("HOLD", "LOOKAHEAD", "BATCH"),
                    help="controller hold / lookahead / batch_decisions, scaled down so that a short run "
                         "completes a few REINFORCE updates")
+    g.add_argument("--distill_args", default="",
+                   help="train.py flags added to every method with a teacher (all but sft and grpo), e.g. "
+                        "'--distill_mask_answer true --clip none' (results/miniature_leak)")
     g.add_argument("--save_every", type=int, default=4, help="checkpoint period (resume granularity)")
     e = ap.add_argument_group("evaluation")
     e.add_argument("--n_problems", type=int, default=100, help="first N embedded test problems (levels 1-3 interleaved)")
@@ -162,14 +167,18 @@ def budget(args):
             "lr", "lr_grid", "fixed_alpha", "alpha_grid", "atesd", "n_problems", "n_val", "k", "eval_max_new_tokens",
             "eval_rollout")
     out = {k: getattr(args, k) for k in keys}
-    if args.model == "warmstart":  # another recipe is another start point
-        out["warm_start_recipe"] = demo.warm_start_recipe(args.dtype)
+    if args.distill_args:  # recorded only when set: the folders written before the flag existed keep their budget
+        out["distill_args"] = args.distill_args
+    if args.model in WARM_STARTS:  # another recipe is another start point
+        out["warm_start_recipe"] = demo.warm_start_recipe(args.dtype, WARM_STARTS[args.model])
     return out
 
 
 def start_model(args):
     """The model folder (or 'embedded') every run starts from and the 'base' row evaluates."""
-    return demo.warm_start_dir(demo.warm_start_recipe(args.dtype)) if args.model == "warmstart" else args.model
+    if args.model in WARM_STARTS:
+        return demo.warm_start_dir(demo.warm_start_recipe(args.dtype, WARM_STARTS[args.model]))
+    return args.model
 
 
 def check_budget(args):
@@ -242,6 +251,8 @@ def train_cmd(args, method, seed, lr, train_data, out_dir, alpha=None):
            "--chunk_size", "0", "--fused_adamw", "false", "--group_by_length", "false", "--attn", "sdpa"]
     if method == "opsd_fixed":
         cmd += ["--alpha", str(args.fixed_alpha if alpha is None else alpha)]
+    if method not in ("sft", "grpo"):
+        cmd += args.distill_args.split()
     if "atesd" in METHODS[method]:
         hold, lookahead, batch = args.atesd
         cmd += ["--hold", str(hold), "--lookahead", str(lookahead), "--batch_decisions", str(batch)]
@@ -618,8 +629,8 @@ def main(argv=None):
         write_report(args)
         return
     train_data, val_data = prepare_data(args)
-    if args.model == "warmstart":
-        demo.ensure_warm_start(sys.executable, demo.warm_start_recipe(args.dtype))  # built once, then reused
+    if args.model in WARM_STARTS:  # built once, then reused
+        demo.ensure_warm_start(sys.executable, demo.warm_start_recipe(args.dtype, WARM_STARTS[args.model]))
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)

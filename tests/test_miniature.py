@@ -50,6 +50,19 @@ def test_every_method_command_is_valid_train_config(tmp_path, method):
         assert [cfg.hold, cfg.lookahead, cfg.batch_decisions] == args.atesd
 
 
+@pytest.mark.parametrize("method", list(miniature.METHODS))
+def test_distill_args_reach_the_methods_with_a_teacher_only(tmp_path, method):
+    args = args_for(tmp_path, "--model", "reader", "--fixed_alpha", "0.25",
+                    "--distill_args", "--distill_mask_answer true --clip none")
+    cfg = train.parse_config(miniature.train_cmd(args, method, 0, 1e-5, "d.jsonl", str(tmp_path / "run"))[2:])
+    train.check_config(cfg)
+    has_teacher = method not in ("sft", "grpo")
+    assert (cfg.distill_mask_answer, cfg.clip == 0 or cfg.clip is None) == (has_teacher, has_teacher)
+    assert cfg.model == miniature.demo.warm_start_dir(miniature.demo.warm_start_recipe(args.dtype, "reader"))
+    assert miniature.budget(args)["distill_args"] == "--distill_mask_answer true --clip none"
+    assert "distill_args" not in miniature.budget(args_for(tmp_path))  # older folders keep their recorded budget
+
+
 def test_resume_flag_when_a_checkpoint_exists(tmp_path):
     run = tmp_path / "run"
     (run / "ckpt").mkdir(parents=True)

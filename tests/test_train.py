@@ -718,3 +718,39 @@ def test_distill_mask_answer_leaves_the_answer_span_out_of_the_loss(tiny_llama, 
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     full, _ = losses.opsd_loss(zs, zt, mask, beta=0.0, clip=None)
     assert abs(full.item() - ref.item()) > 1e-4  # the span's tokens did count without the flag
+
+
+def test_reader_rows_come_from_the_training_split_only(embedded_dir):
+    # --sft_reader_share: a share of the SFT rows trains from the teacher's prompt (the reference revealed) to the
+    # reference. Every such row is a training-split problem shown with its own solution; none is a test problem.
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    import data
+    import teacher as teacherlib
+    import train
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    train_rows, test_rows = data.embedded_split("train"), data.embedded_split("test")
+    test_problems = {r["problem"] for r in test_rows}
+    cfg = train.parse_config(["--method", "sft", "--sft_reader_share", "0.5", "--prompts_per_step", "16",
+                              "--max_new_tokens", "128"])
+    run = SimpleNamespace(cfg=cfg, tok=tok, rank=0)
+    n_teacher = 0
+    for step in range(4):
+        rows = train.step_rows(train_rows, cfg, step, 0, 1)
+        batch, _ = train.sample_batch(run, rows, step)
+        assert batch == train.sample_batch(run, rows, step)[0]  # the draw repeats (resume, reruns)
+        for r, b in zip(rows, batch):
+            assert r["problem"] not in test_problems
+            prompt = tok.decode(b["student_prompt"])
+            assert r["problem"] in prompt
+            if b["student_prompt"] != teacherlib.student_prompt_ids(tok, r["problem"]):
+                n_teacher += 1
+                assert "\\boxed{" + r["answer"] + "}" in prompt  # the teacher's context: its own reference's answer
+                assert not any(p in prompt for p in test_problems)
+            assert b["response"][:-1] == tok(r["solution"], add_special_tokens=False)["input_ids"][:127]
+    assert 16 <= n_teacher <= 48  # about half of 64 rows
+    with pytest.raises(SystemExit, match="sft_reader_share"):
+        train.check_config(train.parse_config(["--method", "opsd", "--sft_reader_share", "0.5"]))
