@@ -21,12 +21,15 @@ Timed (what `minutes` in summary.json measures):
     python experiments/demo.py                       # what `make demo` runs
     python experiments/demo.py --method dasd --out runs/demo_dasd     # the project's method, DASD + ATESD
     python experiments/demo.py --method opsd --steps 12 --out runs/demo_opsd
+    python experiments/demo.py --method opsd --warm_start reader --out runs/demo_reader   # the answer leak
 
-Why the default method is SFT (README, "The demo"): the demo must show a paired interval that excludes zero on
+Why the default method is SFT (README, "The answer leak"): the demo must show a paired interval that excludes zero on
 200 problems within 15 minutes, and on this 135M testbed SFT at lr 1e-5 is the method measured to do it
-(+7.6 [+4.3, +11.0] Avg@4 points). Every self-distillation variant measured from the same start loses accuracy
-(DASD + ATESD -28.8 [-33.8, -23.9]), because the 135M teacher copies the reference's numbers into the wrong
-places; --method dasd shows that, with the same statistics.
+(+7.6 [+4.3, +11.0] Avg@4 points). Every self-distillation variant measured loses accuracy, from the format warm
+start (DASD + ATESD -28.8 [-33.8, -23.9], OPSD -14.8), whose teacher does not read its reference, and from the reader
+warm start (--warm_start reader: OPSD -4.5, with the answer leak removed -3.5 or -4.0), whose teacher does. Every demo
+prints the box/chain consistency of the start point and the trained model (experiments/disagreement.py), so that
+--method opsd --warm_start reader shows the leak beside the interval.
 
 An interrupted run resumes: the warm start from its checkpoint, training with train.py --resume, and a
 finished stage (final/, report.json) is not run again.
