@@ -69,6 +69,7 @@ import entropy
 import evaluate
 import exposure
 import lora
+import chunked_loss
 import losses
 import model as modellib
 import rollout
@@ -181,7 +182,7 @@ class Config:
     them (OPSD's top_k_loss); None = the full vocabulary. DASD's router keeps the full-vocabulary entropy."""
     chunk_size: int = -1
     """opsd/dasd/sft: >0 computes the loss from hidden states in chunks of this many tokens, never holding the
-    full (T, V) logits (losses.chunked_distill_loss / chunked_nll_loss; use it for large vocabularies such as
+    full (T, V) logits (chunked_loss.chunked_distill_loss / chunked_nll_loss; use it for large vocabularies such as
     Qwen3's 151,936); 0 = the plain loss on full logits; -1 (auto) = for these methods without --fsdp: 256 on a
     CPU, where bench/step_time.py measures the student step well below the plain path's, and 512 on a GPU when
     the vocabulary has >= 65,536 entries (there each (B, T, V) fp32 logits tensor of the plain loss is 5 GB at
@@ -815,8 +816,8 @@ def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autoca
         tgt = response_targets(responses, out.shape[1], out.device)
         n = mask.sum()
         if cfg.chunk_size > 0:
-            loss = losses.chunked_nll_loss(out.float(), lm_head.weight, tgt, mask, chunk_size=cfg.chunk_size,
-                                           matmul_dtype=mm_dtype)
+            loss = chunked_loss.chunked_nll_loss(out.float(), lm_head.weight, tgt, mask, chunk_size=cfg.chunk_size,
+                                                 matmul_dtype=mm_dtype)
         else:
             logp = torch.log_softmax(out.float(), -1)
             nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B,T)
@@ -847,7 +848,8 @@ def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autoca
         if cfg.method == "dasd":
             kw.update(dasd_kwargs(cfg))
         t_head = teacher_model.get_output_embeddings().weight.detach()  # the teacher's own lm_head
-        loss, metrics = losses.chunked_distill_loss(s_out.float(), lm_head.weight, t_out.float(), t_head, mask, **kw)
+        loss, metrics = chunked_loss.chunked_distill_loss(s_out.float(), lm_head.weight, t_out.float(), t_head, mask,
+                                                          **kw)
         if cfg.exposure == "atesd":  # the controller's state features, from the hidden states chunk by chunk
             extra = student_confidence(s_out.float(), responses, mask, cfg.temperature,
                                        lm_head.weight.detach().to(mm_dtype or lm_head.weight.dtype),

@@ -6,8 +6,8 @@ Every variant starts from the same inputs (student and teacher final hidden stat
                 full (T, V) logits in the model dtype, as a trainer handing it a bf16 model's logits does
   plain-opsd    the same logits, then losses.opsd_loss (float32 softmax math, per-entry clip)
   plain-dasd    the same logits, then losses.dasd_loss
-  chunked-opsd  losses.chunked_distill_loss(method="opsd"): at most chunk_size x V logits at a time
-  chunked-dasd  losses.chunked_distill_loss(method="dasd")
+  chunked-opsd  chunked_loss.chunked_distill_loss(method="opsd"): at most chunk_size x V logits at a time
+  chunked-dasd  chunked_loss.chunked_distill_loss(method="dasd")
   *-topK        a plain or chunked variant with topk=K: the divergence on the teacher's K most likely entries,
                 both sides renormalized over them (OPSD's top_k_loss). The default runs chunked-opsd-top50 and
                 chunked-dasd-top50: K = 50 is the value of OPSD's own top-k script (scripts/run_opsd_topkloss.sh).
@@ -84,12 +84,13 @@ def step(variant, h_s, W_s, h_t, W_t, mask, chunk_size, math_rows=16):
     """One forward + backward of the variant; leaves the gradients in h_s.grad and W_s.grad."""
     import torch
 
+    import chunked_loss
     import losses
 
     kind, method, topk = parse_variant(variant)
     if kind == "chunked":
-        loss, _ = losses.chunked_distill_loss(h_s, W_s, h_t, W_t, mask, method=method, chunk_size=chunk_size,
-                                              math_rows=math_rows, topk=topk)
+        loss, _ = chunked_loss.chunked_distill_loss(h_s, W_s, h_t, W_t, mask, method=method, chunk_size=chunk_size,
+                                                    math_rows=math_rows, topk=topk)
     else:
         z_s = h_s @ W_s.T  # (1, T, V) student logits, in the graph
         with torch.no_grad():

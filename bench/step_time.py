@@ -57,6 +57,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import chunked_loss  # noqa: E402
 import losses  # noqa: E402
 import model as modellib  # noqa: E402
 import rollout  # noqa: E402
@@ -165,16 +166,17 @@ def main():
 
     def student_fwd_bwd_chunked():
         # train.py --chunk_size C: hidden states out of the model, the loss and its logits gradient from
-        # losses.chunked_distill_loss (at most C x V logits alive, the softmax Jacobian written out by hand)
+        # chunked_loss.chunked_distill_loss (at most C x V logits alive, the softmax Jacobian written out by hand)
         student.zero_grad(set_to_none=True)
         with autocast():
             h_s, mask = teacherlib.response_forward(student, s_prompts, responses, hidden=True)
         W_t = teacher_model.get_output_embeddings().weight.detach()
         # as in train.py: outside autocast, on the fp32 master weight of the lm_head, its matmuls in bf16 when the
         # model's are (matmul_dtype)
-        loss, _ = losses.chunked_distill_loss(h_s.float(), student.get_output_embeddings().weight, t_hid[0].float(),
-                                              W_t, mask, method="dasd", chunk_size=args.chunk_size,
-                                              matmul_dtype=torch.bfloat16 if bf16 else None)
+        W_s = student.get_output_embeddings().weight
+        loss, _ = chunked_loss.chunked_distill_loss(h_s.float(), W_s, t_hid[0].float(), W_t, mask, method="dasd",
+                                                    chunk_size=args.chunk_size,
+                                                    matmul_dtype=torch.bfloat16 if bf16 else None)
         loss.backward()
         return loss
 

@@ -418,7 +418,7 @@ def test_frozen_teacher_with_bf16_linears_is_bit_identical_under_autocast(tied):
     bf16 autocast (and the chunked loss's lm_head matmul the same product), at half the bytes of those weights."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    import losses
+    import chunked_loss
 
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -445,10 +445,10 @@ def test_frozen_teacher_with_bf16_linears_is_bit_identical_under_autocast(tied):
     h_t = torch.randn(2, 3, 32)
     mask = torch.ones(2, 3, dtype=torch.bool)
     W = student.lm_head.weight
-    la, _ = losses.chunked_distill_loss(h_s, W, h_t, ref.lm_head.weight, mask, chunk_size=4,
-                                        matmul_dtype=torch.bfloat16)
-    lb, _ = losses.chunked_distill_loss(h_s, W, h_t, half.lm_head.weight, mask, chunk_size=4,
-                                        matmul_dtype=torch.bfloat16)
+    la, _ = chunked_loss.chunked_distill_loss(h_s, W, h_t, ref.lm_head.weight, mask, chunk_size=4,
+                                              matmul_dtype=torch.bfloat16)
+    lb, _ = chunked_loss.chunked_distill_loss(h_s, W, h_t, half.lm_head.weight, mask, chunk_size=4,
+                                              matmul_dtype=torch.bfloat16)
     assert torch.equal(la, lb)
     # the EMA copy keeps fp32 whatever is asked: bf16 would round its small updates away
     ema = teacher.make_teacher(student, "ema", linear_dtype=torch.bfloat16)
