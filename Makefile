@@ -39,7 +39,7 @@ endif
 # The main job on the embedded default (experiments/demo.py): once, the cached format warm start (a short SFT
 # on training-split solutions); then, timed, a few steps of training from it and the start point and the trained
 # model on 200 embedded test problems, with the paired Avg@k difference and its 95% bootstrap interval.
-# SFT is the method measured to gain on this testbed (README, "The answer leak"). DEMO_METHOD=opsd or dasd trains
+# SFT is the method measured to gain on this testbed (docs/results.md, "The answer leak"). DEMO_METHOD=opsd or dasd trains
 # a self-distillation method instead, DEMO_START=reader from the reader warm start (a teacher that reads its
 # reference); every demo prints the box/chain consistency of the start point and the trained model.
 DEMO_OUT ?= runs/demo

@@ -558,7 +558,7 @@ def plot_pass_at_k(results, path):
     plt.close(fig)
 
 
-# the keys train.py logs (README, "Logged metrics") that a person compares runs by
+# the keys train.py logs (docs/metrics.md) that a person compares runs by
 TRAIN_KEYS = ("loss/total", "loss/pull", "loss/push", "entropy/student", "entropy/teacher", "kl/teacher_student",
               "dasd/frac_pushed", "exposure/alpha_used", "teacher/answer_logprob", "rollout/accuracy")
 

@@ -117,15 +117,15 @@ class Config:
     teacher_show_answer: bool = True
     """The teacher's context ends with the reference's final answer line (Answer: \\boxed{...}), as in the papers.
     false: the revealed steps only (teacher.reveal's show_answer), a teacher that cannot copy the answer into the
-    student's box (README choice 23)."""
+    student's box (docs/choices.md, choice 23)."""
     distill_mask_answer: bool = False
     """opsd/dasd/dasd_adv: leave the final-answer span (each response from its last \\boxed on,
     teacher.answer_span_start) out of the loss and its token mean. A teacher that sees the answer pulls the student's
-    box toward it whatever the student's chain computed (README choice 23)."""
+    box toward it whatever the student's chain computed (docs/choices.md, choice 23)."""
     sft_reader_share: float = 0.0
     """sft only: the share of rows whose prompt is the *teacher's* (teacher.teacher_prompt_ids, the reference revealed
     at an alpha drawn from READER_ALPHAS per row) instead of the student's; the target stays the reference solution.
-    0.5 builds the "reader" warm start (README choice 24): a model whose teacher context is read, not ignored."""
+    0.5 builds the "reader" warm start (docs/choices.md, choice 24): a model whose teacher context is read, not ignored."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off by default: loading a model must not execute foreign code."""
 
@@ -1046,7 +1046,7 @@ def teacher_answer_logprob(run, batch, alpha):
 def observe_controller(run, step, rec):
     """The controller sees this step; the decision that chose alpha is rewarded L steps later.
     l = the method's own loss (what the student is learning to lower), mismatch = unclipped
-    KL(p_T || p_S), probe = the student's NLL of its own samples (see README, "ATESD state")."""
+    KL(p_T || p_S), probe = the student's NLL of its own samples (docs/choices.md, choices 6-7)."""
     run.expo.report(step, loss=rec.get("loss/total", 0.0), answer_logprob=rec.get("teacher/answer_logprob", 0.0),
                     mismatch=rec.get("kl/teacher_student", 0.0), probe_nll=rec.get("student/nll", 0.0),
                     confidence=rec.get("student/confidence", 0.0))

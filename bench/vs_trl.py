@@ -26,7 +26,7 @@ What is EQUAL on the two sides
   4. Sampling: transformers `generate`, temperature 1.0, no top-k / top-p, at most --max_new_tokens tokens, the
      same stop tokens (TRL's eos list is set to rollout.stop_token_ids: <|im_end|> and <|endoftext|>).
   5. Loss: forward KL(p_T || p_S) on the full vocabulary at every response token (train.py --method opsd
-     --beta 0 --clip 0, on its default loss path: chunked from hidden states on a CPU, README choice 16; TRL distillation_mode="full_logits", distillation_alpha=0.0, distillation_is_clip=None).
+     --beta 0 --clip 0, on its default loss path: chunked from hidden states on a CPU, docs/choices.md, choice 16; TRL distillation_mode="full_logits", distillation_alpha=0.0, distillation_is_clip=None).
      TRL's compute_divergence(student, teacher, alpha=0) is F.kl_div(log p_S, log p_T) = sum_v p_T (log p_T -
      log p_S): the same direction.
   6. Teacher: frozen at the initial weights (train.py --teacher frozen, a deep copy; TRL

@@ -23,7 +23,7 @@ Timed (what `minutes` in summary.json measures):
     python experiments/demo.py --method opsd --steps 12 --out runs/demo_opsd
     python experiments/demo.py --method opsd --warm_start reader --out runs/demo_reader   # the answer leak
 
-Why the default method is SFT (README, "The answer leak"): the demo must show a paired interval that excludes zero on
+Why the default method is SFT (docs/results.md, "The answer leak"): the demo must show a paired interval that excludes zero on
 200 problems within 15 minutes, and on this 135M testbed SFT at lr 1e-5 is the method measured to do it
 (+7.6 [+4.3, +11.0] Avg@4 points). Every self-distillation variant measured loses accuracy, from the format warm
 start (DASD + ATESD -28.8 [-33.8, -23.9], OPSD -14.8), whose teacher does not read its reference, and from the reader
@@ -58,7 +58,7 @@ from disagreement import consistency  # noqa: E402  (experiments/disagreement.py
 # dtype included, is the cache key: a bf16 build and an fp32 build are two cache entries, never mixed.
 WARM_START = ["--method", "sft", "--steps", "30", "--prompts_per_step", "16", "--micro_batch", "8",
               "--lr", "1e-4", "--max_new_tokens", "128"]
-# The *reader* warm start (README choice 24): twice the steps, and half the rows trained from the teacher's prompt
+# The *reader* warm start (docs/choices.md, choice 24): twice the steps, and half the rows trained from the teacher's prompt
 # (the training-split reference revealed at alpha in train.READER_ALPHAS) to the same reference. Its teacher reads
 # the context it is shown, as a large model's does: the testbed where the answer leak shows (results/leak/).
 READER_START = [*WARM_START[:WARM_START.index("--steps")], "--steps", "60",
@@ -244,7 +244,7 @@ def main(argv=None):
                     help="further train.py flags")
     ap.add_argument("--warm_start", default="sft", choices=["sft", "reader", "none"],
                     help="start from the cached format warm start (sft), the cached reader warm start (reader: its "
-                         "teacher reads the reference; README choice 24), or the embedded model itself")
+                         "teacher reads the reference; docs/choices.md, choice 24), or the embedded model itself")
     ap.add_argument("--n_problems", type=int, default=200, help="embedded test problems evaluated")
     ap.add_argument("--k", type=int, default=4, help="samples per problem")
     ap.add_argument("--max_new_tokens", type=int, default=96, help="evaluation response cap")

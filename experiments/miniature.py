@@ -2,7 +2,7 @@
 
 Each method trains the same start point under the same budget (steps, prompts per step, samples per
 prompt, max new tokens, learning rate, dtype) and is evaluated on the embedded test split, for several seeds.
-The start point is the demo's *format warm start* (README choice 13: SmolLM2-135M-Instruct after 30 SFT
+The start point is the demo's *format warm start* (docs/choices.md, choice 13: SmolLM2-135M-Instruct after 30 SFT
 steps on training-split solutions, cached; Avg@4 ~39 on the test split), so that gains and losses both
 show; --model embedded starts from SmolLM2-135M-Instruct itself, which scores ~0.
 
@@ -106,8 +106,8 @@ def build_parser():
     g = ap.add_argument_group("budget (the same for every method)")
     g.add_argument("--model", default="warmstart",
                    help="start point of every run and the 'base' row: 'warmstart' (the demo's cached format warm "
-                        "start, built once; README choice 13), 'reader' (the cached reader warm start, whose "
-                        "teacher reads its reference; README choice 24), 'embedded' (SmolLM2-135M-Instruct "
+                        "start, built once; docs/choices.md, choice 13), 'reader' (the cached reader warm start, whose "
+                        "teacher reads its reference; docs/choices.md, choice 24), 'embedded' (SmolLM2-135M-Instruct "
                         "itself), or a model folder")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="one dtype for every run of the folder and its warm start; auto: the faster matmul of this "
