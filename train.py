@@ -50,19 +50,15 @@ Where this file departs from the textbook algorithms (each is a flag):
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
-import shutil
-import sys
 import time
 import typing
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import data
 import entropy
@@ -72,6 +68,7 @@ import lora
 import chunked_loss
 import losses
 import model as modellib
+import plumbing
 import rollout
 import teacher as teacherlib
 
@@ -125,7 +122,8 @@ class Config:
     sft_reader_share: float = 0.0
     """sft only: the share of rows whose prompt is the *teacher's* (teacher.teacher_prompt_ids, the reference revealed
     at an alpha drawn from READER_ALPHAS per row) instead of the student's; the target stays the reference solution.
-    0.5 builds the "reader" warm start (docs/choices.md, choice 24): a model whose teacher context is read, not ignored."""
+    0.5 builds the "reader" warm start (docs/choices.md, choice 24): a model whose teacher context is read, not
+    ignored."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off by default: loading a model must not execute foreign code."""
 
@@ -357,39 +355,6 @@ def check_config(cfg):
 
 
 # -----------------------------------------------------------------------------------------------
-# Compute init: the same file runs alone (python train.py) or under torchrun (RANK is set).
-
-
-def init_distributed(fsdp=False):
-    """(distributed, rank, world, device). A process group exists under torchrun with 2+ processes, and
-    with --fsdp also for one process (FSDP2's sharding mesh needs a group even of size 1)."""
-    ddp = "RANK" in os.environ and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or fsdp)
-    if not ddp:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return False, 0, 1, device
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")  # NCCL needs GPUs; gloo does the same collectives on CPU
-    return True, rank, world, device
-
-
-def all_reduce_sum(values, device, ddp):
-    """Sum a dict of floats over ranks (one collective for all of them)."""
-    if not ddp:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
-
-
-# -----------------------------------------------------------------------------------------------
 # Set-up: data, student, teacher, optimizer, exposure schedule and rollout engine, built once.
 
 
@@ -428,7 +393,7 @@ def setup(cfg):
     if cfg.fsdp and "RANK" not in os.environ:
         raise SystemExit("train.py: --fsdp runs under torchrun, also for one process: "
                          "torchrun --nproc_per_node=N train.py --fsdp ...")
-    ddp, rank, world, device = init_distributed(fsdp=cfg.fsdp)
+    ddp, rank, world, device = plumbing.init_distributed(fsdp=cfg.fsdp)
     if cfg.prompts_per_step % world:
         raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple of the "
                          f"number of processes ({world}) so that every rank gets the same number of prompts")
@@ -445,17 +410,18 @@ def setup(cfg):
             ckpt_dir = ckpt_dir + ".old"  # the rename of a newer checkpoint was interrupted
         if not os.path.isdir(ckpt_dir):
             raise SystemExit(f"train.py: --resume but no checkpoint in {ckpt_dir}")
-        resume_state = load_checkpoint(ckpt_dir)
-        check_resume_config(cfg, resume_state["config"], ckpt_dir)
-    cfg.dtype = choose_dtype(cfg, device, ddp, resume_state)
-    cfg.attn = choose_attn(cfg, device, resume_state)
+        resume_state = plumbing.load_checkpoint(ckpt_dir)
+        plumbing.check_resume_config(cfg, resume_state["config"], ckpt_dir)
+    cfg.dtype = plumbing.choose_dtype(cfg, device, ddp, resume_state)
+    cfg.attn = plumbing.choose_attn(cfg, device, resume_state)
     start_path = modellib.resolve(cfg.model)
     student, tok, teacher_model = load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir)
-    cfg.chunk_size = choose_chunk_size(cfg, device, resume_state, student.get_output_embeddings().weight.shape[0])
-    cfg.gradient_checkpointing = choose_gradient_checkpointing(cfg, device)
+    vocab = student.get_output_embeddings().weight.shape[0]
+    cfg.chunk_size = plumbing.choose_chunk_size(cfg, device, resume_state, vocab)
+    cfg.gradient_checkpointing = plumbing.choose_gradient_checkpointing(cfg, device)
     if cfg.gradient_checkpointing:  # after the teacher's copy was made: the copy never recomputes
-        enable_gradient_checkpointing(student)
-    train_model = wrap_for_parallel(cfg, student, ddp, device)
+        plumbing.enable_gradient_checkpointing(student)
+    train_model = plumbing.wrap_for_parallel(cfg, student, ddp, device)
     if cfg.teacher == "live" and teacher_model is not None:
         teacher_model = student  # the same parameters, called outside DDP's forward (no grad anyway)
 
@@ -474,7 +440,7 @@ def setup(cfg):
 
     start_step, n_skipped = 0, 0
     if resume_state is not None:
-        load_optimizer_state(cfg, train_model, opt, resume_state["optimizer"])
+        plumbing.load_optimizer_state(cfg, train_model, opt, resume_state["optimizer"])
         sched.load_state_dict(resume_state["scheduler"])
         expo.load_state_dict(resume_state["exposure"])
         torch.set_rng_state(resume_state["rng"]["torch"])
@@ -488,7 +454,7 @@ def setup(cfg):
         engine = rollout.make_rollout(
             backend, model=student, model_path=start_path, tokenizer=tok,
             seed=cfg.seed + (rank // cfg.vllm_tensor_parallel_size if backend == "vllm" else rank),
-            dtype=cfg.dtype, max_model_len=rollout_context(cfg, rows, tok, unwrap(student).config),
+            dtype=cfg.dtype, max_model_len=rollout_context(cfg, rows, tok, plumbing.unwrap(student).config),
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             tensor_parallel_size=cfg.vllm_tensor_parallel_size, enable_sleep_mode=cfg.vllm_sleep)
     # a resumed engine starts from the start model's weights: it loads the checkpoint's before it first samples
@@ -518,88 +484,6 @@ def rollout_context(cfg, rows, tok, model_config):
 
 # the flags that define the trained network and its optimizer state: a resume must not change them
 READER_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # --sft_reader_share: the exposures a reader row's prompt is drawn from
-RESUME_FIXED = ("model", "method", "teacher", "lora_r", "lora_alpha", "lora_targets")
-
-
-def check_resume_config(cfg, saved, ckpt_dir):
-    """Refuse --resume with a flag that the checkpoint was trained under another value of, naming both."""
-    diff = [f"--{k} {getattr(cfg, k)} (checkpoint: {saved[k]})" for k in RESUME_FIXED
-            if k in saved and saved[k] != getattr(cfg, k)]
-    if diff:
-        raise SystemExit(f"train.py: --resume from {ckpt_dir}: " + ", ".join(diff)
-                         + "; resume with the checkpoint's values, or start a new --out_dir")
-
-
-LARGE_VOCAB = 65536  # --chunk_size auto on a GPU: the chunked loss from this vocabulary size up
-
-
-def choose_chunk_size(cfg, device, resume_state, vocab_size=None):
-    """--chunk_size -1 (auto) -> for opsd/dasd/sft without FSDP: 256 on a CPU; on a GPU 512 when vocab_size >=
-    LARGE_VOCAB, else 0; 0 for the other methods and under FSDP (it shards the lm_head the chunked loss multiplies
-    by). On a CPU the chunked path computes the logits' gradient by hand (losses.py note 9) and skips autograd's
-    (B, T, V) graph, which there costs more than the model's own backward. On a GPU it is for memory: the plain
-    loss holds several (B, T, V) fp32 tensors (bench/gpu_memory.py counts them), 5 GB each at B = 4, T = 2048 and
-    Qwen3's V = 151,936, more than the whole student with gradient checkpointing; from 64k entries on, one fp32
-    logits row (256 KiB) outweighs a token's checkpointed activations of a 2k-wide, 28-block model (28 x 8 KiB).
-    512 rows keep the lm_head matmuls wide (C x V bf16 logits: 148 MiB at Qwen3's V). A resumed run keeps the
-    path it was started with: the two agree to rounding, not bit for bit."""
-    if cfg.chunk_size >= 0:
-        return cfg.chunk_size
-    if resume_state is not None and resume_state["config"].get("chunk_size", -1) >= 0:
-        return resume_state["config"]["chunk_size"]
-    if cfg.method not in ("opsd", "dasd", "sft") or cfg.fsdp:
-        return 0
-    if device.type == "cpu":
-        return 256
-    return 512 if vocab_size is not None and vocab_size >= LARGE_VOCAB else 0
-
-
-def choose_gradient_checkpointing(cfg, device):
-    """--gradient_checkpointing auto (None) -> on with a GPU, off on a CPU. Unlike the dtype or the chunk size it
-    is not carried over by a resume: it changes memory and time, never the arithmetic of the loss."""
-    if cfg.gradient_checkpointing is not None:
-        return cfg.gradient_checkpointing
-    return device.type == "cuda"
-
-
-def enable_gradient_checkpointing(student):
-    """Every transformer block of the student recomputes its activations in the backward pass (transformers'
-    gradient_checkpointing_enable with torch's non-reentrant checkpoint).
-      - Non-reentrant: gradients reach LoRA's A and B although the input of the first block, the frozen embeddings'
-        output, does not require grad (the reentrant form would return no gradient without
-        enable_input_require_grads). transformers registers that hook on the embeddings anyway; it only marks their
-        output as requiring grad, which changes no value.
-      - A block recomputes only in training mode with grad enabled: the frozen and EMA teacher copies are made
-        before this call and run in eval mode; a live or LoRA teacher runs the student under no_grad, where the
-        checkpoint stores nothing and runs the block once.
-      - HF rollouts (rollout.HFRollout) put the model in eval mode for generate, so its KV cache works as before.
-        config.use_cache is left as it is: response_forward passes use_cache=False itself, and a saved model's
-        config.json must not change."""
-    net = student.get_base_model() if lora.is_lora(student) else student
-    net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def choose_attn(cfg, device, resume_state):
-    """--attn auto -> eager on a CPU, sdpa elsewhere; a resumed run keeps the kernel it was started with (the two
-    agree to rounding, not bit for bit)."""
-    if cfg.attn != "auto":
-        return cfg.attn
-    if resume_state is not None:  # a checkpoint from before this flag existed ran transformers' default, sdpa
-        return resume_state["config"].get("attn", "sdpa")
-    return "eager" if device.type == "cpu" else "sdpa"
-
-
-def choose_dtype(cfg, device, ddp, resume_state):
-    """--dtype auto -> bfloat16 or float32 (model.pick_dtype). A resumed run keeps the dtype it was started
-    with, and every rank takes rank 0's measurement, so the arithmetic never changes within a run."""
-    if cfg.dtype != "auto":
-        return cfg.dtype
-    if resume_state is not None:
-        return resume_state["config"]["dtype"]
-    bf16 = torch.tensor([float(modellib.pick_dtype("auto", device) == "bfloat16")], device=device)
-    if ddp:
-        dist.broadcast(bf16, src=0)
-    return "bfloat16" if bf16.item() else "float32"
 
 
 def load_rows(cfg):
@@ -662,30 +546,9 @@ def add_lora(cfg, student):
         raise SystemExit(f"train.py: --lora_r {cfg.lora_r}: {e}") from e
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in student.parameters())
-    if is_rank0():
+    if plumbing.is_rank0():
         print(f"LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha:g} on {','.join(targets)}: "
               f"{n_train:,} of {n_all:,} parameters trained ({100 * n_train / n_all:.2f}%)")
-    return student
-
-
-def wrap_for_parallel(cfg, student, ddp, device):
-    """FSDP2 shards the student in place; DDP wraps it; one process uses it as it is."""
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        # under LoRA the transformers model inside the peft wrapper is the root: generate() calls it directly,
-        # and its root-level weights (embeddings, final norm) must be gathered then too. Frozen and trainable
-        # parameters share each layer's group (FSDP2 allows both in one group).
-        net = student.get_base_model() if lora.is_lora(student) else student
-        for layer in net.model.layers:
-            fully_shard(layer)
-        fully_shard(net)
-        return student
-    if ddp:
-        # gradient_as_bucket_view: each .grad is a view into DDP's all-reduce buckets, not a second copy beside
-        # them (one model-sized fp32 buffer less at the end of the backward and in the optimizer step)
-        return torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     return student
 
 
@@ -782,7 +645,7 @@ def add_teacher_context(run, batch, alpha):
     of its m steps and the final answer (exposure.py, teacher.py)."""
     if run.teacher_model is None:
         return
-    limit = getattr(unwrap(run.student).config, "max_position_embeddings", None)
+    limit = getattr(plumbing.unwrap(run.student).config, "max_position_embeddings", None)
     for b in batch:
         r = b["row"]
         b["teacher_prompt"] = teacherlib.teacher_prompt_ids(
@@ -802,89 +665,107 @@ def add_teacher_context(run, batch, alpha):
 
 
 def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autocast):
-    """Returns (loss as a token mean over this micro-batch, n valid tokens, metrics)."""
+    """Returns (loss as a token mean over this micro-batch, n valid tokens, metrics). The forwards here, the loss
+    in one function per family: sft_loss (no teacher), distill_loss (opsd, dasd), advantage_loss (grpo,
+    dasd_adv). With --chunk_size the forwards return (B,T,H) hidden states, else (B,T,V) logits."""
     s_prompts = [b["student_prompt"] for b in mb]
     responses = [b["response"] for b in mb]
-
-    # lm_head matmuls of the chunked losses in bf16 under --dtype bfloat16, as autocast runs every other matmul
-    # (the chunked losses are called outside autocast, on the fp32 master weight)
-    mm_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
-
+    hidden = cfg.chunk_size > 0
     if cfg.method == "sft":  # baseline: NLL of the reference solution, no teacher
-        with autocast():  # (B,T,V) logits, or with --chunk_size the (B,T,H) hidden states; (B,T)
-            out, mask = teacherlib.response_forward(student, s_prompts, responses, hidden=cfg.chunk_size > 0)
-        tgt = response_targets(responses, out.shape[1], out.device)
-        n = mask.sum()
-        if cfg.chunk_size > 0:
-            loss = chunked_loss.chunked_nll_loss(out.float(), lm_head.weight, tgt, mask, chunk_size=cfg.chunk_size,
-                                                 matmul_dtype=mm_dtype)
-        else:
-            logp = torch.log_softmax(out.float(), -1)
-            nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B,T)
-            loss = (nll * mask).sum() / n.clamp(min=1)
-        return loss, n.item(), {"loss/sft_nll": loss.item()}
+        with autocast():
+            out, mask = teacherlib.response_forward(student, s_prompts, responses, hidden=hidden)  # mask (B,T)
+        loss, metrics = sft_loss(cfg, out, mask, responses, lm_head)
+        return loss, mask.sum().item(), metrics
 
-    # teacher: the same network (or its frozen/EMA copy) shown x + the revealed part of y*
-    need_teacher = cfg.method != "grpo"
-    if need_teacher:
-        t_prompts = [b["teacher_prompt"] for b in mb]
+    t_out = None  # teacher: the same network (or its frozen/EMA copy) shown x + the revealed part of y*
+    if cfg.method != "grpo":
         with autocast():
             # no_grad inside teacher_logits: the teacher is a constant target, and a live teacher
             # (the student itself) must not receive a second gradient path through its own targets
-            t_out, _ = teacherlib.teacher_logits(teacher_model, t_prompts, responses, hidden=cfg.chunk_size > 0)
-
+            t_out, _ = teacherlib.teacher_logits(teacher_model, [b["teacher_prompt"] for b in mb], responses,
+                                                 hidden=hidden)
     with autocast():
-        s_out, mask = teacherlib.response_forward(student, s_prompts, responses, hidden=cfg.chunk_size > 0)
+        s_out, mask = teacherlib.response_forward(student, s_prompts, responses, hidden=hidden)
     if cfg.distill_mask_answer:  # (B,T): tokens from each response's final-answer span on leave the loss
         mask = mask * (torch.arange(mask.shape[1], device=mask.device)[None, :]
                        < torch.tensor([b["loss_len"] for b in mb], device=mask.device)[:, None])
-    n = mask.sum()
-    metrics = {}
+    if cfg.method in ("opsd", "dasd"):
+        loss, metrics = distill_loss(cfg, s_out, t_out, mask, responses, lm_head, teacher_model)
+    else:
+        loss, metrics = advantage_loss(cfg, s_out, t_out, mask, mb, lm_head)
+    return loss, mask.sum().item(), metrics
 
-    if cfg.method in ("opsd", "dasd") and cfg.chunk_size > 0:
-        # hidden states in, loss out: at most chunk_size x V logits alive at a time
-        kw = dict(method=cfg.method, chunk_size=cfg.chunk_size, beta=cfg.beta, clip=cfg.clip or None,
-                  temperature=cfg.temperature, topk=cfg.topk, matmul_dtype=mm_dtype)
-        if cfg.method == "dasd":
-            kw.update(dasd_kwargs(cfg))
+
+def matmul_dtype(cfg):
+    """lm_head matmuls of the chunked losses in bf16 under --dtype bfloat16, as autocast runs every other matmul
+    (the chunked losses are called outside autocast, on the fp32 master weight)."""
+    return torch.bfloat16 if cfg.dtype == "bfloat16" else None
+
+
+def sft_loss(cfg, out, mask, responses, lm_head):
+    """SFT: the token mean of the NLL of the reference solution's tokens. Returns (loss, metrics)."""
+    tgt = response_targets(responses, out.shape[1], out.device)
+    n = mask.sum()
+    if cfg.chunk_size > 0:
+        loss = chunked_loss.chunked_nll_loss(out.float(), lm_head.weight, tgt, mask, chunk_size=cfg.chunk_size,
+                                             matmul_dtype=matmul_dtype(cfg))
+    else:
+        logp = torch.log_softmax(out.float(), -1)
+        nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B,T)
+        loss = (nll * mask).sum() / n.clamp(min=1)
+    return loss, {"loss/sft_nll": loss.item()}
+
+
+def distill_loss(cfg, s_out, t_out, mask, responses, lm_head, teacher_model):
+    """OPSD or DASD (losses.py) on the logits, or with --chunk_size on the hidden states (chunked_loss.py: the same
+    loss, at most chunk_size x V logits alive at a time). Returns (loss, metrics)."""
+    n = max(mask.sum().item(), 1.0)
+    kw = dict(beta=cfg.beta, clip=cfg.clip or None, temperature=cfg.temperature, topk=cfg.topk,
+              **(dasd_kwargs(cfg) if cfg.method == "dasd" else {}))
+    if cfg.chunk_size > 0:
+        mm = matmul_dtype(cfg)
         t_head = teacher_model.get_output_embeddings().weight.detach()  # the teacher's own lm_head
         loss, metrics = chunked_loss.chunked_distill_loss(s_out.float(), lm_head.weight, t_out.float(), t_head, mask,
-                                                          **kw)
+                                                          method=cfg.method, chunk_size=cfg.chunk_size,
+                                                          matmul_dtype=mm, **kw)
+        extra = {}
         if cfg.exposure == "atesd":  # the controller's state features, from the hidden states chunk by chunk
             extra = student_confidence(s_out.float(), responses, mask, cfg.temperature,
-                                       lm_head.weight.detach().to(mm_dtype or lm_head.weight.dtype),
+                                       lm_head.weight.detach().to(mm or lm_head.weight.dtype),
                                        rows_per_pass=cfg.chunk_size)
-            metrics.update({k: v / max(n.item(), 1.0) for k, v in extra.items()})
-        return loss, n.item(), metrics
-
-    s_logits = s_out if cfg.chunk_size == 0 else s_out @ lm_head.weight.T
-    # the ATESD controller's state features; an extra (B,T,V) softmax, so only when a controller reads them
-    extra = student_confidence(s_logits, responses, mask, cfg.temperature) if cfg.exposure == "atesd" else {}
-    if cfg.method == "opsd":
-        loss, metrics = losses.opsd_loss(s_logits, t_out, mask, beta=cfg.beta, clip=cfg.clip or None,
-                                         temperature=cfg.temperature, topk=cfg.topk)
-    elif cfg.method == "dasd":
-        loss, metrics = losses.dasd_loss(s_logits, t_out, mask, beta=cfg.beta, clip=cfg.clip or None,
-                                         temperature=cfg.temperature, topk=cfg.topk, **dasd_kwargs(cfg))
-    else:  # grpo, dasd_adv: the on-policy policy-gradient surrogate on sampled tokens
-        tgt = response_targets(responses, s_logits.shape[1], s_logits.device)
-        logp_s = torch.log_softmax(s_logits.float() / cfg.temperature, -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        seq_adv = torch.tensor([b.get("adv", 0.0) for b in mb], dtype=torch.float32, device=logp_s.device)  # (B,)
-        if cfg.method == "grpo":
-            adv = seq_adv[:, None].expand_as(logp_s) * mask  # (B,T)
-        else:
-            with torch.no_grad():
-                logp_t = torch.log_softmax(t_out.float() / cfg.temperature, -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-                ent = entropy.token_entropy(s_logits.detach(), temperature=cfg.temperature)
-            group_adv = seq_adv[:, None].expand_as(logp_s) if cfg.samples_per_prompt > 1 else None
-            adv, metrics = losses.dasd_token_advantages(
-                logp_s.detach(), logp_t, ent, mask, push_fraction=cfg.push_fraction, soft=not cfg.hard_gate,
-                coef=cfg.adv_coef, group_adv=group_adv)
-        loss, pg_metrics = losses.policy_gradient_loss(logp_s, adv.detach(), mask)
-        metrics.update(pg_metrics)
+    else:
+        # the ATESD controller's state features; an extra (B,T,V) softmax, so only when a controller reads them
+        extra = student_confidence(s_out, responses, mask, cfg.temperature) if cfg.exposure == "atesd" else {}
+        loss, metrics = (losses.opsd_loss if cfg.method == "opsd" else losses.dasd_loss)(s_out, t_out, mask, **kw)
     # metrics are token means of this micro-batch; the extra sums are divided by n here to match
-    metrics.update({k: v / max(n.item(), 1.0) for k, v in extra.items()})
-    return loss, n.item(), metrics
+    metrics.update({k: v / n for k, v in extra.items()})
+    return loss, metrics
+
+
+def advantage_loss(cfg, s_out, t_out, mask, mb, lm_head):
+    """GRPO and DASD's token-advantage form: the on-policy policy-gradient surrogate on the sampled tokens, with
+    the group advantage (grpo) or the entropy-routed token advantage (dasd_adv). Returns (loss, metrics)."""
+    responses = [b["response"] for b in mb]
+    s_logits = s_out if cfg.chunk_size == 0 else s_out @ lm_head.weight.T
+    extra = student_confidence(s_logits, responses, mask, cfg.temperature) if cfg.exposure == "atesd" else {}
+    tgt = response_targets(responses, s_logits.shape[1], s_logits.device)
+    logp_s = torch.log_softmax(s_logits.float() / cfg.temperature, -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    seq_adv = torch.tensor([b.get("adv", 0.0) for b in mb], dtype=torch.float32, device=logp_s.device)  # (B,)
+    metrics = {}
+    if cfg.method == "grpo":
+        adv = seq_adv[:, None].expand_as(logp_s) * mask  # (B,T)
+    else:
+        with torch.no_grad():
+            logp_t = torch.log_softmax(t_out.float() / cfg.temperature, -1).gather(-1, tgt.unsqueeze(-1))
+            ent = entropy.token_entropy(s_logits.detach(), temperature=cfg.temperature)
+        group_adv = seq_adv[:, None].expand_as(logp_s) if cfg.samples_per_prompt > 1 else None
+        adv, metrics = losses.dasd_token_advantages(
+            logp_s.detach(), logp_t.squeeze(-1), ent, mask, push_fraction=cfg.push_fraction, soft=not cfg.hard_gate,
+            coef=cfg.adv_coef, group_adv=group_adv)
+    loss, pg_metrics = losses.policy_gradient_loss(logp_s, adv.detach(), mask)
+    metrics.update(pg_metrics)
+    metrics.update({k: v / max(mask.sum().item(), 1.0) for k, v in extra.items()})
+    return loss, metrics
 
 
 def dasd_kwargs(cfg):
@@ -949,7 +830,7 @@ def train_on_batch(run, batch, alpha, step):
     cfg, student = run.cfg, run.student
     lm_head = student.get_output_embeddings()  # the matrix the chunked loss multiplies by
     n_local = float(sum(b.get("loss_len", len(b["response"])) for b in batch))
-    n_global = all_reduce_sum({"n": n_local}, run.device, run.ddp)["n"]
+    n_global = plumbing.all_reduce_sum({"n": n_local}, run.device, run.ddp)["n"]
     run.opt.zero_grad(set_to_none=True)
     sums = {}
     mbs = micro_batches(batch, cfg.micro_batch, cfg.group_by_length)
@@ -973,7 +854,7 @@ def train_on_batch(run, batch, alpha, step):
     grads = [p.grad for p in params if p.grad is not None]
     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     finite = math.isfinite(float(gnorm)) and all(math.isfinite(v) for v in sums.values())
-    finite = all_reduce_sum({"ok": float(finite)}, run.device, run.ddp)["ok"] == run.world
+    finite = plumbing.all_reduce_sum({"ok": float(finite)}, run.device, run.ddp)["ok"] == run.world
     if finite and grads:
         run.opt.step()
     else:
@@ -994,7 +875,7 @@ def sync_weights(run, finite):
         return  # the step was skipped: nothing changed
     run.engine_stale = run.engine is not None
     if run.cfg.teacher == "ema" and run.teacher_model is not None:
-        teacherlib.ema_update(run.teacher_model, unwrap(run.student), run.cfg.ema_decay)
+        teacherlib.ema_update(run.teacher_model, plumbing.unwrap(run.student), run.cfg.ema_decay)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1008,7 +889,7 @@ def step_metrics(run, batch, rewards, sums, n_local, alpha):
     if run.cfg.exposure == "atesd" and run.teacher_model is not None:
         alp = teacher_answer_logprob(run, batch, alpha)
     n_resp = float(sum(len(b["response"]) for b in batch))  # n_local: the loss's tokens, fewer under --distill_mask_answer
-    glob = all_reduce_sum({**sums, "n_tok": n_local, "n_resp": n_resp, "n_seq": float(len(batch)), "answer_logprob": alp,
+    glob = plumbing.all_reduce_sum({**sums, "n_tok": n_local, "n_resp": n_resp, "n_seq": float(len(batch)), "answer_logprob": alp,
                            "correct": float(sum(rewards)), "n_rollouts": float(len(rewards)),
                            "truncated": float(sum(b.get("truncated", False) for b in batch))}, run.device, run.ddp)
     rec = {}
@@ -1053,201 +934,14 @@ def observe_controller(run, step, rec):
 
 
 # -----------------------------------------------------------------------------------------------
-# Logging: metrics.jsonl on rank 0 (plus TensorBoard / W&B if asked); only rank 0 prints.
-
-
-def open_log(run):
-    """metrics.jsonl (a resumed run keeps the lines up to its checkpoint), config.json, optional loggers."""
-    cfg = run.cfg
-    log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if run.master:
-        keep = []
-        if cfg.resume and os.path.exists(log_path):
-            with open(log_path) as f:  # drop lines from steps after the checkpoint: they are redone
-                keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= run.start_step]
-        with open(log_path, "w") as f:
-            f.writelines(keep)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-    tb, wb = open_loggers(cfg, run.master)
-    return log_path, tb, wb
-
-
-def open_loggers(cfg, master):
-    tb = wb = None
-    if master and cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
-        except ImportError:
-            print("tensorboard is not installed; logging to metrics.jsonl only", file=sys.stderr)
-    if master and cfg.wandb:
-        try:
-            import wandb
-
-            wb = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg))
-        except ImportError:
-            print("wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
-    return tb, wb
-
-
-def log_step(run, log, rec):
-    log_path, tb, wb = log
-    if not run.master:
-        return
-    with open(log_path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    nums = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
-    if tb is not None:
-        for k, v in nums.items():
-            tb.add_scalar(k, v, rec["step"])
-    if wb is not None:
-        wb.log(nums, step=rec["step"])
-
-
-# -----------------------------------------------------------------------------------------------
-# Checkpoints: model as a save_pretrained folder (under LoRA merged, plus the adapter for --resume), the rest in
-# trainer.pt; written aside, then renamed.
-
-
-def maybe_checkpoint(run, done):
-    """Every --save_every steps and at the end. Under FSDP the full model, adapter and optimizer states are
-    gathered by collectives that every rank joins; rank 0 writes."""
-    cfg = run.cfg
-    if not ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
-        return
-    if run.master or cfg.fsdp:
-        model_sd = inference_state_dict(run.train_model)
-        # the adapter for --resume: under FSDP its A and B gathered (every rank joins); unsharded, peft reads its own
-        adapter_sd = None
-        if cfg.lora_r and cfg.fsdp:
-            adapter_sd = {n: lora.full(p.detach()).cpu() for n, p in lora.adapter_params(unwrap(run.student)).items()}
-        opt_sd = optimizer_state_dict(cfg, run.train_model, run.opt)
-    if run.master:
-        save_checkpoint(cfg, done, model_sd, adapter_sd, opt_sd, run, run.ckpt_dir)
-    if run.ddp:
-        dist.barrier()
-
-
-def save_checkpoint(cfg, step, model_sd, adapter_sd, opt_sd, run, out):
-    tmp, old = out + ".tmp", out + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    # a plain save_pretrained folder that transformers and vLLM load, whatever wraps the student; under LoRA
-    # the merged weights under the base model's names, so that loading it needs no peft
-    module = unwrap(run.student)
-    base = module.get_base_model() if lora.is_lora(module) else module
-    base.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd, safe_serialization=True)
-    run.tok.save_pretrained(os.path.join(tmp, "model"))
-    if cfg.lora_r:
-        lora.save_adapter(module, os.path.join(tmp, "adapter"), state_dict=adapter_sd)  # what --resume reads
-    state = {
-        "step": step, "n_skipped": run.n_skipped, "optimizer": opt_sd, "scheduler": run.sched.state_dict(),
-        "exposure": run.expo.state_dict(), "config": dataclasses.asdict(cfg),
-        # data order and rollout seeds are functions of (seed, step); these cover everything else
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-    }
-    if cfg.teacher == "ema":
-        state["ema_teacher"] = teacherlib.ema_state(run.teacher_model)  # under LoRA: the EMA adapter only
-    torch.save(state, os.path.join(tmp, "trainer.pt"))
-    # an interrupted write leaves either the old checkpoint (renamed to .old) or the new one complete
-    if os.path.exists(out):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def inference_state_dict(student):
-    """The weights of model/: the student's own, or under LoRA the merged W + s B A (FSDP2: every rank joins
-    each gather)."""
-    module = unwrap(student)
-    if lora.is_lora(module):
-        keep = is_rank0()  # every rank runs the generator (its gathers); only rank 0, which writes, keeps tensors
-        return {k: v.cpu() for k, v in lora.merged_weights(module) if keep}
-    return full_state_dict(student)
-
-
-def full_state_dict(student):
-    if any(hasattr(p, "full_tensor") for p in student.parameters()):  # FSDP2: gather shards
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in unwrap(student).state_dict().items()}
-
-
-def optimizer_state_dict(cfg, model, opt):
-    """The optimizer state to save. Under FSDP each rank holds a shard of it: gather the full, unsharded
-    state (keyed by parameter name), so that a resumed run can shard it again, on any number of ranks."""
-    if not cfg.fsdp:
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(cfg, model, opt, state):
-    if not cfg.fsdp:
-        opt.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    # every rank read the full state from trainer.pt; each keeps its own shard of it
-    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
-
-
-def unwrap(m):
-    return m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
-
-
-def is_rank0():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def load_checkpoint(path):
-    f = os.path.join(path, "trainer.pt")
-    try:
-        # weights_only: a checkpoint is data, never code
-        return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"train.py: cannot read checkpoint {f}: {e}") from e
-
-
-def finish(run):
-    """Free the rollout engine, copy the last checkpoint's model to final/, tear down the process group."""
-    if run.engine is not None and hasattr(run.engine, "shutdown"):
-        run.engine.shutdown()  # frees the vLLM engine (and only a process group that vLLM itself created)
-    if run.master:
-        final = os.path.join(run.cfg.out_dir, "final")
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(os.path.join(run.cfg.out_dir, "ckpt", "model"), final)
-        print(f"final model: {final}\nmetrics:     {os.path.join(run.cfg.out_dir, 'metrics.jsonl')}")
-    if run.ddp:
-        dist.barrier()
-        run.train_model = None  # DDP's reducer holds the process group: release it before destroying the group
-        dist.destroy_process_group()
-
-
-# -----------------------------------------------------------------------------------------------
 # Main: the algorithm, one step per iteration, in the order of the module docstring.
-
-
-def cuda_peak_gib(device):
-    """On a GPU: the peak of torch's allocated memory since the last call, in GiB (then the peak is reset);
-    None on a CPU. Memory that vLLM takes through its own pool (sleep mode) is not counted."""
-    if device.type != "cuda":
-        return None
-    peak = torch.cuda.max_memory_allocated(device) / 2**30
-    torch.cuda.reset_peak_memory_stats(device)
-    return peak
 
 
 def main(argv=None):
     cfg = parse_config(argv)
     check_config(cfg)
     run = setup(cfg)
-    log = open_log(run)
+    log = plumbing.open_log(run)
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=run.start_step, disable=not run.master, desc=f"{cfg.method}/{cfg.exposure}",
@@ -1267,9 +961,9 @@ def main(argv=None):
         add_advantages(run, batch, rewards)
         add_teacher_context(run, batch, alpha)
 
-        t0, peak = time.time(), {"rollout": cuda_peak_gib(run.device)}
+        t0, peak = time.time(), {"rollout": plumbing.cuda_peak_gib(run.device)}
         sums, n_local, gnorm, finite = train_on_batch(run, batch, alpha, step)
-        timings["train"], peak["train"] = time.time() - t0, cuda_peak_gib(run.device)
+        timings["train"], peak["train"] = time.time() - t0, plumbing.cuda_peak_gib(run.device)
 
         sync_weights(run, finite)
 
@@ -1283,13 +977,13 @@ def main(argv=None):
                "train/skipped_steps": run.n_skipped, "train/tokens_per_s": n_tok / dt, "exposure/alpha_used": alpha,
                **{f"time/{k}": v for k, v in timings.items()}, "time/step": dt, **run.expo.metrics(),
                **{f"memory/{k}_peak_gib": v for k, v in peak.items() if v is not None}}
-        log_step(run, log, rec)
+        plumbing.log_step(run, log, rec)
         bar.set_postfix({"loss": f"{rec.get('loss/total', 0):.4f}", "acc": rec["rollout/accuracy"],
                          "alpha": f"{alpha:.2f}"}, refresh=False)
         bar.update(1)
-        maybe_checkpoint(run, step + 1)
+        plumbing.maybe_checkpoint(run, step + 1)
     bar.close()
-    finish(run)
+    plumbing.finish(run)
 
 
 if __name__ == "__main__":

@@ -208,13 +208,14 @@ def resolve(cfg, device):
     """train.py's automatic choices for a run on `device` (cuda: no measurement needed; a CPU run must name --dtype)."""
     import torch
 
+    import plumbing
     import train
 
     train.check_config(cfg)
     dev = torch.device(device)
     if cfg.dtype == "auto":
         cfg.dtype = "bfloat16" if device == "cuda" else "float32"
-    cfg.attn = train.choose_attn(cfg, dev, None)
+    cfg.attn = plumbing.choose_attn(cfg, dev, None)
     return dev
 
 
@@ -225,14 +226,15 @@ def predict(s, earlier=False):
     the .grad tensors beside DDP's buckets), for comparison."""
     import copy
 
+    import plumbing
     import train
 
     cfg, sh, world = copy.deepcopy(s.cfg), s.shape, s.world
     dev = resolve(cfg, s.device)
     if earlier and cfg.chunk_size < 0 and s.device == "cuda":
         cfg.chunk_size = 0
-    cfg.chunk_size = train.choose_chunk_size(cfg, dev, None, sh.V)
-    ckpt = train.choose_gradient_checkpointing(cfg, dev) if not earlier else bool(cfg.gradient_checkpointing)
+    cfg.chunk_size = plumbing.choose_chunk_size(cfg, dev, None, sh.V)
+    ckpt = plumbing.choose_gradient_checkpointing(cfg, dev) if not earlier else bool(cfg.gradient_checkpointing)
     cuda = s.device == "cuda"
     bf16 = cfg.dtype == "bfloat16"
     c = 2 if bf16 else 4
@@ -623,6 +625,7 @@ def build_run(cfg, model_cfg):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import teacher as teacherlib
+    import plumbing
     import train
 
     conf = AutoConfig.for_model(**{k: v for k, v in model_cfg.items() if k != "architectures"})
@@ -637,7 +640,7 @@ def build_run(cfg, model_cfg):
                                           linear_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None)
     student.train()
     if cfg.gradient_checkpointing:
-        train.enable_gradient_checkpointing(student)
+        plumbing.enable_gradient_checkpointing(student)
     if cfg.teacher == "live" and teacher is not None:
         teacher = student
     params = [p for p in student.parameters() if p.requires_grad]
@@ -668,12 +671,13 @@ def validate_worker(name, blocks, flags):
     import torch
 
     import teacher as teacherlib
+    import plumbing
     import train
 
     cfg = train.parse_config(VALIDATE_COMMON + flags)
     resolve(cfg, "cpu")
-    cfg.chunk_size = train.choose_chunk_size(cfg, torch.device("cpu"), None, 151936)
-    cfg.gradient_checkpointing = train.choose_gradient_checkpointing(cfg, torch.device("cpu"))
+    cfg.chunk_size = plumbing.choose_chunk_size(cfg, torch.device("cpu"), None, 151936)
+    cfg.gradient_checkpointing = plumbing.choose_gradient_checkpointing(cfg, torch.device("cpu"))
     base = load_model_config(cfg, os.path.join(CONFIGS, "qwen3-1.7b.json"))
 
     # warm-up: the same step on a tiny model of the same kind loads every library, kernel and thread pool

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import plumbing
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--prompts_per_step", "2", "--max_new_tokens", "12", "--steps", "2", "--micro_batch", "2"]
 pytestmark = pytest.mark.e2e
@@ -366,18 +368,18 @@ def test_dtype_auto_takes_the_faster_matmul_and_a_resume_keeps_its_dtype(monkeyp
     assert modellib.pick_dtype("bfloat16") == "bfloat16"  # an explicit choice is kept
 
     cfg = train.parse_config(["--dtype", "auto"])
-    assert train.choose_dtype(cfg, torch.device("cpu"), False, None) == "float32"
+    assert plumbing.choose_dtype(cfg, torch.device("cpu"), False, None) == "float32"
     # resumed: the dtype the run started with, whatever this machine measures now
-    assert train.choose_dtype(cfg, torch.device("cpu"), False, {"config": {"dtype": "bfloat16"}}) == "bfloat16"
+    assert plumbing.choose_dtype(cfg, torch.device("cpu"), False, {"config": {"dtype": "bfloat16"}}) == "bfloat16"
     cfg = train.parse_config(["--dtype", "bfloat16"])
-    assert train.choose_dtype(cfg, torch.device("cpu"), False, None) == "bfloat16"
+    assert plumbing.choose_dtype(cfg, torch.device("cpu"), False, None) == "bfloat16"
 
 
 def test_chunk_size_auto_chunks_the_distillation_and_sft_losses_on_a_cpu_only():
     import train
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    pick = lambda *flags, device=cpu, resume=None: train.choose_chunk_size(train.parse_config(list(flags)), device,
+    pick = lambda *flags, device=cpu, resume=None: plumbing.choose_chunk_size(train.parse_config(list(flags)), device,
                                                                           resume)
     assert pick("--method", "dasd") == 256 and pick("--method", "opsd") == 256 and pick("--method", "sft") == 256
     assert pick("--method", "dasd", device=gpu) == 0  # the plain path on a GPU
@@ -394,7 +396,7 @@ def test_attn_auto_is_eager_on_a_cpu_and_a_resume_keeps_the_runs_kernel():
     import train
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    pick = lambda *flags, device=cpu, resume=None: train.choose_attn(train.parse_config(list(flags)), device, resume)
+    pick = lambda *flags, device=cpu, resume=None: plumbing.choose_attn(train.parse_config(list(flags)), device, resume)
     assert pick() == "eager" and pick(device=gpu) == "sdpa"
     assert pick("--attn", "sdpa") == "sdpa" and pick("--attn", "eager", device=gpu) == "eager"
     assert pick(resume={"config": {"attn": "sdpa"}}) == "sdpa"
@@ -407,14 +409,14 @@ def test_chunk_size_auto_on_a_gpu_chunks_large_vocabularies():
     import train
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    pick = lambda *flags, device=gpu, vocab=None, resume=None: train.choose_chunk_size(
+    pick = lambda *flags, device=gpu, vocab=None, resume=None: plumbing.choose_chunk_size(
         train.parse_config(list(flags)), device, resume, vocab)
     qwen3, smol = 151936, 49152
     for method in ("opsd", "dasd", "sft"):
-        assert pick("--method", method, vocab=qwen3) == 512  # from train.LARGE_VOCAB = 65,536 entries on
+        assert pick("--method", method, vocab=qwen3) == 512  # from plumbing.LARGE_VOCAB = 65,536 entries on
         assert pick("--method", method, vocab=smol) == 0  # a small vocabulary keeps the plain path on a GPU
         assert pick("--method", method, vocab=smol, device=cpu) == 256  # the CPU rule ignores the vocabulary
-    assert pick("--method", "dasd", vocab=train.LARGE_VOCAB) == 512 and pick(vocab=train.LARGE_VOCAB - 1) == 0
+    assert pick("--method", "dasd", vocab=plumbing.LARGE_VOCAB) == 512 and pick(vocab=plumbing.LARGE_VOCAB - 1) == 0
     assert pick("--method", "dasd", "--fsdp", vocab=qwen3) == 0  # FSDP2 shards the lm_head
     assert pick("--method", "grpo", "--samples_per_prompt", "2", vocab=qwen3) == 0  # full logits anyway
     assert pick("--method", "dasd", "--chunk_size", "0", vocab=qwen3) == 0  # an explicit value is kept
@@ -453,7 +455,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(attn, use_lora
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     plain, ckpt = student, copy.deepcopy(student)
-    train.enable_gradient_checkpointing(ckpt)
+    plumbing.enable_gradient_checkpointing(ckpt)
     net = ckpt.get_base_model() if use_lora else ckpt
     assert all(layer.gradient_checkpointing for layer in net.model.layers)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in frozen.modules())  # the copy came first
@@ -488,7 +490,7 @@ def test_generate_under_gradient_checkpointing_samples_the_same_tokens():
     for ckpt in (False, True):
         model = tiny_qwen3("sdpa")
         if ckpt:
-            train.enable_gradient_checkpointing(model)
+            plumbing.enable_gradient_checkpointing(model)
         engine = rollout.make_rollout("hf", model=model, tokenizer=tok)
         samples = engine.generate(prompts, n=2, max_new_tokens=12, temperature=1.0, seed=5)
         assert model.training  # generate's eval mode is undone
@@ -499,7 +501,7 @@ def test_generate_under_gradient_checkpointing_samples_the_same_tokens():
 def test_gradient_checkpointing_auto_is_on_with_a_gpu_only():
     import train
 
-    pick = lambda *flags, device="cpu": train.choose_gradient_checkpointing(train.parse_config(list(flags)),
+    pick = lambda *flags, device="cpu": plumbing.choose_gradient_checkpointing(train.parse_config(list(flags)),
                                                                             torch.device(device))
     assert pick() is False and pick(device="cuda") is True
     assert pick("--gradient_checkpointing") is True and pick("--gradient_checkpointing", "false", device="cuda") is False
@@ -516,11 +518,11 @@ def test_resume_refuses_a_flag_that_changes_the_trained_network(tmp_path):
     saved = dataclasses.asdict(first)
     same = train.parse_config(["--lora_r", "16", "--method", "opsd", "--steps", "9"])  # a longer run: fine
     train.check_config(same)
-    train.check_resume_config(same, saved, str(tmp_path))
+    plumbing.check_resume_config(same, saved, str(tmp_path))
     other = train.parse_config(["--lora_r", "8", "--method", "dasd"])
     train.check_config(other)
     with pytest.raises(SystemExit) as e:
-        train.check_resume_config(other, saved, str(tmp_path))
+        plumbing.check_resume_config(other, saved, str(tmp_path))
     msg = str(e.value)
     assert str(tmp_path) in msg and "--method dasd (checkpoint: opsd)" in msg
     assert "--lora_r 8 (checkpoint: 16)" in msg and "--lora_alpha 16.0 (checkpoint: 32.0)" in msg
