@@ -36,8 +36,8 @@ Choices (the papers use existing datasets; all of this is ours):
     problem <- problem | question | prompt;  solution <- solution | privileged_context
     (GSM8K: an `answer` containing "#### n" is split into the worked solution and n; its
     <<calculator>> annotations are removed);  answer <- answer field, else the solution's last box
-    (`last_boxed`: the last \\boxed{}/\\fbox{}; the same extractor grades responses in
-    evaluate.py). A solution without \\boxed{} gets an "Answer: \\boxed{a}" line appended.
+    (`grader.last_boxed`: the last \\boxed{}/\\fbox{}; the same extractor grades responses in
+    training and evaluation). A solution without \\boxed{} gets an "Answer: \\boxed{a}" line appended.
  4. A row with no problem, or with no way to get an answer, is an error naming file, line and
     field (or skipped and counted with skip_bad_rows=True); an empty result is always an error.
 
@@ -54,65 +54,7 @@ import os
 import random
 import re
 
-# ---------------------------------------------------------------------------------------------
-# answers inside \boxed{...}: the one extractor, for the loader here and for grading (evaluate.py)
-# ---------------------------------------------------------------------------------------------
-
-_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")  # \boxed, \fbox; not \boxedfoo
-_ARG_SKIP = re.compile(r"[ \t]*(?:\r?\n[ \t]*)?")  # spaces and one line end, as TeX skips after a command
-_UNBRACED = re.compile(r"[^\s${}]+")  # an argument without braces: up to a space, $, brace or line end
-
-
-def braced_group(text, start):
-    """Content of the {...} group opening at text[start] == '{', or None if it never closes.
-
-    Braces nest; a backslash starts a control symbol or word, so \\{ and \\} are not braces and
-    the \\\\ in "a\\\\}" does not escape the closing brace."""
-    depth, j = 0, start
-    while j < len(text):
-        c = text[j]
-        if c == "\\":
-            j += 2  # skip the escaped character (a control word's letters hold no braces)
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:j]
-        j += 1
-    return None
-
-
-def last_boxed(text):
-    """The final answer in `text`: the content of its last \\boxed / \\fbox, or None if there is none.
-
-    After the command, spaces (and one line end) are skipped, as TeX skips them; then a {...} group gives its content, braces nested (\\boxed{\\frac{1}{2}} gives \\frac{1}{2};
-    \\{ and \\} are not braces). Without braces, the argument is the run of characters up to the
-    next space, `$`, brace or line end, less trailing sentence punctuation: `\\boxed 5.` and
-    `\\boxed5` give 5, `\\boxed \\pi` gives \\pi, and `\\boxed 12` gives 12. (TeX itself would box
-    only the 1; a model that writes `\\boxed 12` means 12, and the MATH graders read it so.)
-    "Last" means the last box command in the text, so a box nested in another wins. A box that holds nothing usable is skipped and the one before it is tried: a
-    group that never closes (a truncated response), an empty or blank group, or a non-argument such
-    as `\\boxed}` or `\\boxed$`. The result is stripped of surrounding whitespace.
-
-    This is the one extractor of the project: data.to_row takes a user solution's answer from it
-    and evaluate.extract_answer grades responses with it (evaluate.last_boxed is this function).
-    """
-    for m in reversed(list(_BOX.finditer(text))):
-        j = _ARG_SKIP.match(text, m.end()).end()
-        if j >= len(text):
-            continue
-        if text[j] == "{":
-            content = braced_group(text, j)
-        else:
-            run = _UNBRACED.match(text, j)  # None at $, } or a blank line: no argument
-            content = run.group(0).rstrip(".,;:") if run else None
-            content = None if content == "\\" else content  # a lone backslash at the very end
-        if content is not None and content.strip():
-            return content.strip()
-    return None
-
+from grader import last_boxed  # the one answer extractor: a user solution's answer is its last box
 
 # ---------------------------------------------------------------------------------------------
 # the embedded generator

@@ -60,12 +60,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import chunked_loss
 import data
 import entropy
-import evaluate
 import exposure
+import grader
 import lora
-import chunked_loss
 import losses
 import model as modellib
 import plumbing
@@ -594,7 +594,7 @@ def prepare_engine(run):
 def sample_batch(run, my_rows, step):
     """Token ids in, token ids out (never decoded and re-tokenized prompts). Returns (batch, rewards):
     batch holds one dict per sequence (student_prompt, response, answer, row, truncated); rewards are
-    1.0 / 0.0 per rollout by the same grader as evaluate.py. SFT's "rollouts" are the reference solutions."""
+    1.0 / 0.0 per rollout by grader.check_answer, which evaluate.py grades with too. SFT's "rollouts" are the reference solutions."""
     cfg, tok = run.cfg, run.tok
     s_prompt_ids = [teacherlib.student_prompt_ids(tok, r["problem"], enable_thinking=cfg.student_thinking)
                     for r in my_rows]
@@ -622,7 +622,7 @@ def sample_batch(run, my_rows, step):
     for smp in samples:
         r = my_rows[smp.prompt_index]
         text = tok.decode(smp.token_ids, skip_special_tokens=True)
-        rewards.append(float(evaluate.check_answer(text, r["answer"])))
+        rewards.append(float(grader.check_answer(text, r["answer"])))
         batch.append({"student_prompt": s_prompt_ids[smp.prompt_index], "response": list(smp.token_ids),
                       "answer": r["answer"], "row": r, "truncated": smp.truncated})
     return [b for b in batch if len(b["response"]) > 0], rewards

@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 
@@ -50,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import evaluate  # noqa: E402
+import runner  # noqa: E402  (experiments/runner.py)
 import model as modellib  # noqa: E402
 from disagreement import consistency  # noqa: E402  (experiments/disagreement.py: box/chain consistency)
 
@@ -64,23 +64,10 @@ WARM_START = ["--method", "sft", "--steps", "30", "--prompts_per_step", "16", "-
 READER_START = [*WARM_START[:WARM_START.index("--steps")], "--steps", "60",
                 *WARM_START[WARM_START.index("--steps") + 2:], "--sft_reader_share", "0.5"]
 WARM_STARTS = {"format": WARM_START, "reader": READER_START}
-# Pinned when the warm start is built, outside the cache key: train.py's defaults when the cached builds were made
-# (the plain loss on full logits, the per-parameter AdamW, micro-batches in the batch's order, sdpa attention),
-# so one key keeps building the same model.
-WARM_START_PINNED = ["--chunk_size", "0", "--fused_adamw", "false", "--group_by_length", "false", "--attn", "sdpa"]
+# Pinned when the warm start is built, outside the cache key (runner.PINNED: train.py's defaults when the cached
+# builds were made), so one key keeps building the same model.
+WARM_START_PINNED = runner.PINNED
 SUMMARY_KEYS = ("start_avg", "trained_avg", "diff", "ci95", "n_problems", "k", "method", "minutes", "machine")
-
-
-def run(cmd, log):
-    """Run a subprocess from the repository root, its output teed to `log` and to our stdout."""
-    print("$ " + " ".join(cmd), flush=True)
-    with open(log, "a") as f:
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in p.stdout:
-            f.write(line)
-            sys.stdout.write(line)
-        if p.wait():
-            raise SystemExit(f"demo: {cmd[1]} failed (exit {p.returncode}); its output is in {log}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,7 +105,7 @@ def ensure_warm_start(py, recipe=None):
     kind = "reader" if "--sft_reader_share" in recipe else "format"
     print(f"set-up: {kind} warm start (SFT on training-split solutions, once) -> {final}", flush=True)
     resume = ["--resume"] if os.path.isdir(os.path.join(work, "ckpt")) else []
-    run([py, "train.py", *recipe, *WARM_START_PINNED, "--save_every", "5", "--out_dir", work, *resume],
+    runner.run([py, "train.py", *recipe, *WARM_START_PINNED, "--save_every", "5", "--out_dir", work, *resume],
         os.path.join(work, "train.log"))
     shutil.copytree(os.path.join(work, "final"), final + ".tmp", dirs_exist_ok=True)
     dtype = recipe[recipe.index("--dtype") + 1] if "--dtype" in recipe else "auto"
@@ -143,7 +130,7 @@ def ensure_start_eval(py, start, eval_args):
     if not os.path.exists(path):
         print(f"set-up: the start point's evaluation (once) -> {folder}", flush=True)
         os.makedirs(folder + ".tmp", exist_ok=True)
-        run([py, "evaluate.py", "--model", start, *eval_args, "--out", folder + ".tmp"],
+        runner.run([py, "evaluate.py", "--model", start, *eval_args, "--out", folder + ".tmp"],
             os.path.join(folder + ".tmp", "eval.log"))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(folder + ".tmp", folder)
@@ -287,14 +274,14 @@ def main(argv=None):
     train_dir = os.path.join(out, "train")
     if not os.path.exists(os.path.join(train_dir, "final", "config.json")):
         resume = ["--resume"] if os.path.isdir(os.path.join(train_dir, "ckpt")) else []
-        run([py, "train.py", "--model", start, "--method", args.method, "--steps", str(args.steps),
+        runner.run([py, "train.py", "--model", start, "--method", args.method, "--steps", str(args.steps),
              *args.train_args.split(), "--rollout", args.rollout, "--dtype", args.dtype, "--save_every", "4",
              "--out_dir", train_dir, *resume], os.path.join(out, "train.log"))
     eval_dir = os.path.join(out, "eval")
     if not os.path.exists(os.path.join(eval_dir, "report.json")):
         # the same problems, k, sampling seeds and dtype as the start point's cached evaluation: the difference is
         # paired exactly as if both models were evaluated in one run
-        run([py, "evaluate.py", "--model", os.path.join(train_dir, "final"), *eval_args,
+        runner.run([py, "evaluate.py", "--model", os.path.join(train_dir, "final"), *eval_args,
              "--plot_train", os.path.join(train_dir, "metrics.jsonl"), "--out", eval_dir],
             os.path.join(out, "eval.log"))
     minutes = (time.time() - t0) / 60  # of the stages this call ran (all of them in a run that was not interrupted)

@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import grader  # noqa: E402
 import losses  # noqa: E402
 import model as modellib  # noqa: E402
 import teacher  # noqa: E402
@@ -48,7 +49,7 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 def box_follows_chain(text):
     """(boxed answer, the chain's last number before the box, whether they agree) of one response; None when there
     is no box or no number before it. Agreement compares the numbers' values (2 and 2.0 agree)."""
-    boxed = data.last_boxed(text)
+    boxed = grader.last_boxed(text)
     if boxed is None:
         return None
     nums = NUMBER.findall(text[: text.rfind("\\boxed")])
@@ -114,7 +115,6 @@ def teacher_accuracy(m, tok, rows, *, alphas=(0.0, 1.0), max_new_tokens=96, seed
     """Does the teacher read its context? The share of `rows` answered correctly by one sample (temperature 1) from
     the student's prompt ("student") and from the teacher's prompt at each alpha: a model that reads the reference it
     is shown scores near 100 from the teacher's prompt, one that ignores it scores what its student does."""
-    import evaluate
     import rollout
 
     engine = rollout.HFRollout(m, tok, seed=seed)
@@ -126,7 +126,7 @@ def teacher_accuracy(m, tok, rows, *, alphas=(0.0, 1.0), max_new_tokens=96, seed
     out = {}
     for name, ps in prompts.items():
         samples = engine.generate(ps, n=1, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
-        ok = [evaluate.check_answer(tok.decode(s.token_ids, skip_special_tokens=True), rows[s.prompt_index]["answer"])
+        ok = [grader.check_answer(tok.decode(s.token_ids, skip_special_tokens=True), rows[s.prompt_index]["answer"])
               for s in samples]
         out[name] = 100.0 * sum(ok) / len(ok)
     return out

@@ -16,21 +16,20 @@ Output: results/entropy_climb/<run>/{config.json,metrics.jsonl}, table.md, entro
 """
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import evaluate  # noqa: E402
+import runner  # noqa: E402  (experiments/runner.py)
 
 BASE = ["--model", "embedded", "--steps", "8", "--prompts_per_step", "8", "--micro_batch", "8",
         "--max_new_tokens", "96", "--rollout", "vllm", "--seed", "0", "--clip", "none",
         # the loss path, the optimizer, the micro-batches and the attention kernel the committed runs used
-        "--chunk_size", "0", "--fused_adamw", "false", "--group_by_length", "false", "--attn", "sdpa"]
+        *runner.PINNED]
 # run -> (what it changes against the first, its flags)
 RUNS = {
     "opsd_fkl_lr1e-5": ("reference: OPSD, forward KL", ["--method", "opsd", "--exposure", "full", "--beta", "0",
@@ -61,9 +60,8 @@ def run(out, name):
     cmd = [sys.executable, "train.py", *BASE, *RUNS[name][1], "--out_dir", folder]
     if os.path.isdir(os.path.join(folder, "ckpt")):
         cmd.append("--resume")
-    print("$ " + " ".join(cmd), flush=True)
-    if subprocess.call(cmd, cwd=ROOT):
-        sys.exit(f"entropy_climb: {name} failed; its log is above")
+    os.makedirs(folder, exist_ok=True)
+    runner.run(cmd, os.path.join(folder, "train.log"))
     for sub in ("final", "ckpt"):  # only the trajectory is kept
         shutil.rmtree(os.path.join(folder, sub), ignore_errors=True)
 

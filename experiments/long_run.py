@@ -27,6 +27,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import demo  # noqa: E402  (experiments/demo.py: warm starts, the start point's cached evaluation, pairing)
+import runner  # noqa: E402
 
 ROOT = demo.ROOT
 BENCH = "embedded:test"
@@ -70,10 +71,10 @@ def run(args):
         if os.path.exists(report):
             continue
         resume = ["--resume"] if os.path.isdir(os.path.join(train_dir, "ckpt")) else []
-        demo.run([py, "train.py", "--model", start, *args.train_args.split(), "--steps", str(s),
+        runner.run([py, "train.py", "--model", start, *args.train_args.split(), "--steps", str(s),
                   "--dtype", args.dtype, "--rollout", "vllm", "--save_every", str(args.every), "--out_dir", train_dir,
                   *resume], os.path.join(folder, "train.log"))
-        demo.run([py, "evaluate.py", "--model", os.path.join(train_dir, "final"), *eval_args(args),
+        runner.run([py, "evaluate.py", "--model", os.path.join(train_dir, "final"), *eval_args(args),
                   "--out", os.path.dirname(report)], os.path.join(folder, "eval.log"))
         avg, diff, (lo, hi) = point(start_report, report)
         print(f"{args.name} after {s} steps: Avg@{args.k} {avg:.2f}, vs start {diff:+.2f} [{lo:+.2f}, {hi:+.2f}]",

@@ -64,7 +64,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -74,6 +73,7 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import demo  # noqa: E402  (experiments/demo.py: the cached format warm start)
 import evaluate  # noqa: E402
+import runner  # noqa: E402  (experiments/runner.py)
 
 # method -> the train.py flags that make it (everything else is the shared budget)
 METHODS = {
@@ -227,18 +227,6 @@ def prepare_data(args):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_logged(cmd, log_path, env):
-    """Run a command with its output in log_path; on failure, exit naming the log and its last lines."""
-    with open(log_path, "a") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n")
-        log.flush()
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    if rc != 0:
-        with open(log_path) as f:
-            tail = "".join(f.readlines()[-25:])
-        sys.exit(f"command failed (exit {rc}); log: {log_path}\n{tail}")
-
-
 def train_cmd(args, method, seed, lr, train_data, out_dir, alpha=None):
     cmd = [sys.executable, "train.py", *METHODS[method], "--model", start_model(args), "--dtype", args.dtype,
            "--data", train_data, "--seed", str(seed), "--lr", str(lr),
@@ -248,7 +236,7 @@ def train_cmd(args, method, seed, lr, train_data, out_dir, alpha=None):
            "--save_every", str(args.save_every), "--out_dir", out_dir, "--rollout", "auto",  # vLLM where installed
            # the loss path, optimizer, micro-batches and attention every unit so far ran (train.py's defaults have
            # changed since)
-           "--chunk_size", "0", "--fused_adamw", "false", "--group_by_length", "false", "--attn", "sdpa"]
+           *runner.PINNED]
     if method == "opsd_fixed":
         cmd += ["--alpha", str(args.fixed_alpha if alpha is None else alpha)]
     if method not in ("sft", "grpo"):
@@ -298,12 +286,14 @@ def run_unit(args, unit, method, seed, lr, train_data, bench, n_problems, env, a
         final = os.path.join(tdir, "final")
         if not os.path.isdir(final):
             os.makedirs(tdir, exist_ok=True)
-            run_logged(train_cmd(args, method, seed, lr, train_data, tdir, alpha), os.path.join(tdir, "train.log"), env)
+            runner.run(train_cmd(args, method, seed, lr, train_data, tdir, alpha), os.path.join(tdir, "train.log"),
+                       env=env, echo=False)
         model_path = final
     tmp = os.path.join(folder, "eval.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    run_logged(eval_cmd(args, model_path, seed, bench, tmp, n_problems), os.path.join(tmp, "eval.log"), env)
+    runner.run(eval_cmd(args, model_path, seed, bench, tmp, n_problems), os.path.join(tmp, "eval.log"), env=env,
+               echo=False)
     shutil.rmtree(os.path.join(folder, "eval"), ignore_errors=True)
     os.replace(tmp, os.path.join(folder, "eval"))  # the report appears only when the evaluation is whole
     if method != "base" and not args.keep_models:
@@ -440,7 +430,7 @@ def summarize(args):
                 ref_rows = start_reference(starts, entry["start_builds"])
             else:
                 ref_rows = summary["methods"][ref]["per_problem"]
-            entry["paired"][ref] = paired(ref_rows, entry["per_problem"])
+            entry["paired"][ref] = runner.paired(ref_rows, entry["per_problem"])
     return summary
 
 
@@ -489,14 +479,6 @@ def per_problem(results):
     if any(r is None for r in rows) or len({len(r) for r in rows}) != 1:
         return None
     return [sum(col) / len(col) for col in zip(*rows)]
-
-
-def paired(ref, new):
-    """Paired Avg@k difference new - ref over problems (percentage points) with its 95% bootstrap interval."""
-    if ref is None or new is None or len(ref) != len(new):
-        return None
-    diff, (lo, hi) = evaluate.paired_bootstrap(ref, new)
-    return {"diff": 100 * diff, "ci95": [100 * lo, 100 * hi], "n_problems": len(new)}
 
 
 def fmt(m, sd, scale=1.0, digits=1):

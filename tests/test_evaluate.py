@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import evaluate as ev
+import grader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,15 +126,15 @@ EXTRACTION = [
 
 @pytest.mark.parametrize("text,strict,loose", EXTRACTION)
 def test_extraction_table(text, strict, loose):
-    assert ev.extract_answer(text, fallback=False) == strict
-    assert ev.extract_answer(text, fallback=True) == loose
-    assert ev.extract_answer(text) == loose  # the fallback is on by default
+    assert grader.extract_answer(text, fallback=False) == strict
+    assert grader.extract_answer(text, fallback=True) == loose
+    assert grader.extract_answer(text) == loose  # the fallback is on by default
 
 
 def test_one_extractor_for_grading_and_for_loading():
     import data
 
-    assert ev.last_boxed is data.last_boxed
+    assert grader.last_boxed is data.last_boxed
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -141,7 +142,7 @@ def test_one_extractor_for_grading_and_for_loading():
     ("\\boxed\n5", "5"),  # formerly None: one line end is a space
 ])
 def test_extraction_changes_from_the_former_grader(text, expected):
-    assert ev.extract_answer(text, fallback=False) == expected
+    assert grader.extract_answer(text, fallback=False) == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,31 +181,31 @@ WRONG = [
 
 @pytest.mark.parametrize("response,gold", EQUIVALENT)
 def test_equivalent_forms_verify(response, gold):
-    assert ev.check_answer(response, gold)
+    assert grader.check_answer(response, gold)
 
 
 @pytest.mark.parametrize("response,gold", WRONG)
 def test_wrong_answers_fail(response, gold):
-    assert not ev.check_answer(response, gold)
+    assert not grader.check_answer(response, gold)
 
 
 def test_no_fallback_needs_a_box():
-    assert ev.check_answer("the answer is 42", "42", fallback=True)
-    assert not ev.check_answer("the answer is 42", "42", fallback=False)
+    assert grader.check_answer("the answer is 42", "42", fallback=True)
+    assert not grader.check_answer("the answer is 42", "42", fallback=False)
 
 
 def test_normalize_answer_table():
     cases = {"$\\dfrac{1}{2}$": "\\frac{1}{2}", "\\text{ Evelyn }": "evelyn", "x = 3": "3", "1,000,000": "1000000",
              "2.50": "2.5", "3.0": "3", "45^{\\circ}": "45", "50\\%": "50", "\\left( 1, 2 \\right)": "(1,2)", "7.": "7"}
     for raw, want in cases.items():
-        assert ev.normalize_answer(raw) == want, raw
+        assert grader.normalize_answer(raw) == want, raw
 
 
 def test_too_costly_table():
     costly = ["9^{9^{9^{9}}}", "9^9^9", "8**8**8", "10^{1000000}", "(10^5)!", "20000!", "2^{3!}"]
     cheap = ["2^{10}", "x^2+y^2", "5!", "\\frac{2^{3}}{4}", "e^{i\\pi}", "2^{100}", "\\sqrt{8}"]
-    assert all(ev.too_costly(s) for s in costly)
-    assert not any(ev.too_costly(s) for s in cheap)
+    assert all(grader.too_costly(s) for s in costly)
+    assert not any(grader.too_costly(s) for s in cheap)
 
 
 def test_check_answer_in_worker_threads_agrees_with_main_thread():
@@ -213,9 +214,9 @@ def test_check_answer_in_worker_threads_agrees_with_main_thread():
     cases = EQUIVALENT + WRONG
     # a generous deadline: on a busy machine two threads share the GIL, and a slow sympy check must not
     # time out into a False here (the deadline itself is tested below)
-    main = [ev.check_answer(r, g, timeout=60) for r, g in cases]
+    main = [grader.check_answer(r, g, timeout=60) for r, g in cases]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        threaded = list(pool.map(lambda rg: ev.check_answer(*rg, timeout=60), cases))
+        threaded = list(pool.map(lambda rg: grader.check_answer(*rg, timeout=60), cases))
     assert threaded == main
     assert main == [True] * len(EQUIVALENT) + [False] * len(WRONG)
 
@@ -230,19 +231,19 @@ def test_deadline_stops_a_runaway_check_in_a_thread(monkeypatch):
         finally:
             stopped.set()
 
-    monkeypatch.setattr(ev, "_math_equal", runaway)
+    monkeypatch.setattr(grader, "_math_equal", runaway)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        verdict = pool.submit(ev.check_answer, "\\boxed{x + 1}", "y", timeout=0.2).result()
+        verdict = pool.submit(grader.check_answer, "\\boxed{x + 1}", "y", timeout=0.2).result()
     assert verdict is False
     assert stopped.wait(30), "the runaway check was not interrupted"
 
 
 def test_gold_parse_is_cached():
-    ev._parse.cache_clear()
-    ev._math_equal.cache_clear()
+    grader._parse.cache_clear()
+    grader._math_equal.cache_clear()
     for pred in ["0.5", "0.25", "\\frac{2}{4}", "0.75"]:
-        ev.check_answer(f"\\boxed{{{pred}}}", "\\frac{1}{2}")
-    info = ev._parse.cache_info()
+        grader.check_answer(f"\\boxed{{{pred}}}", "\\frac{1}{2}")
+    info = grader._parse.cache_info()
     # 4 distinct predictions + 1 gold parsed once; the gold is a cache hit 3 times
     assert info.misses == 5 and info.hits == 3
 
@@ -397,8 +398,8 @@ def test_evaluate_end_to_end(embedded_dir, tmp_path):
         assert {"model", "problem_id", "response", "answer", "correct", "length", "truncated"} <= set(s)
         assert 1 <= s["length"] <= 24
         # the recorded verdict is the checker's verdict on the recorded response
-        assert s["correct"] == ev.check_answer(s["response"], s["gold"])
-        assert s["answer"] == ev.extract_answer(s["response"])
+        assert s["correct"] == grader.check_answer(s["response"], s["gold"])
+        assert s["answer"] == grader.extract_answer(s["response"])
     (label, per), = report["results"].items()
     r = per["embedded:test"]
     assert r["n_problems"] == 2 and r["k"] == 2

@@ -300,7 +300,7 @@ def test_variant_reruns_the_miniature_with_one_flag_changed_and_pairs_within_a_b
     got = variant.miniature_args(args.out)
     assert (got.steps, got.k, got.lr, got.fixed_alpha) == (5, 2, 3e-5, 0.25)
     cmds = []
-    monkeypatch.setattr(miniature, "run_logged", lambda cmd, log, env: cmds.append(cmd))
+    monkeypatch.setattr(miniature.runner, "run", lambda cmd, log, env=None, echo=True: cmds.append(cmd))
     monkeypatch.setattr(miniature, "weights_fingerprint", lambda path: "abc")
     folder = os.path.join(args.out, "variants", "opsd_fixed.clip_none", "seed0")
     report = variant.run_variant_unit(got, "opsd_fixed", 0, ["--clip", "none"], folder, {})
