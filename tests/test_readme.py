@@ -34,6 +34,16 @@ def test_every_file_function_in_the_equation_table_exists():
     assert not missing, f"README's equation table names code that does not exist: {missing}"
 
 
+def test_every_file_function_named_in_the_docs_exists():
+    # `file.py:function` anywhere in README.md or docs/: the code a reader is sent to must be there
+    missing = []
+    for doc in ["README.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))]:
+        for f, name in re.findall(r"`([\w/]+\.py):([A-Za-z_][\w.]*)`", read(doc)):
+            if not os.path.exists(os.path.join(ROOT, f)) or name not in defined_names(f):
+                missing.append(f"{doc}: {f}:{name}")
+    assert not missing, missing
+
+
 def test_relative_links_resolve():
     for doc in ["README.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))]:
         for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", read(doc)):
