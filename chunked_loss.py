@@ -1,7 +1,7 @@
 """The chunked path of losses.py: opsd_loss, dasd_loss and SFT's NLL on logits = hidden @ W.T, never all at once.
 
 A speed and memory path beside the plain losses, not a different loss: for the same inputs it returns the same values
-and gradients (tests/test_losses.py checks it against losses.py to 1e-12 in float64). Use it when the (B, T, V)
+and gradients (tests/test_chunked_loss.py checks it against losses.py to 1e-12 in float64). Use it when the (B, T, V)
 logits do not fit, or, on a CPU, because autograd's graph over them costs more than the model's own backward.
 
 How (dims as in losses.py; C the chunk):

@@ -42,7 +42,7 @@ Choices (the papers use existing datasets; all of this is ours):
     field (or skipped and counted with skip_bad_rows=True); an empty result is always an error.
 
 The embedded SmolLM2-135M-Instruct rarely writes \\boxed{} and is weak at arithmetic: its accuracy on
-the test split, as evaluate.py grades it, is in README.md ("Measured"), with the command that measures it.
+the test split, as evaluate.py grades it, is in docs/results.md ("The demo"), with the command that measures it.
 
 Example:
     python data.py                      # prints a few embedded problems per level and split sizes

@@ -24,7 +24,7 @@ Reasoning health, per model and benchmark (all from the k samples of every probl
     length         mean / std / quantiles / histogram of response length (tokens)
     truncated      fraction of samples stopped by max_new_tokens
     no_box         fraction of samples with no \\boxed{} (or \\fbox{})
-    no_answer      fraction with nothing extracted even after the fallback (choice 2)
+    no_answer      fraction with nothing extracted even after the fallback (grader.py choice 2)
     entropy        mean over response tokens of H_t = -sum_v p(v|x,y<t) log p(v|x,y<t) (nats),
                    p = the evaluated model, teacher-forced over [prompt | response]
     revisions/1k   1000 * (# self-revision markers such as "wait", "let me check") / (# tokens):

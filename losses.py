@@ -66,7 +66,7 @@ Departures and choices where the papers are silent:
      has the scale of a GRPO advantage; std is the population std within the trajectory plus 1e-6.
   8. GRPO std is the population std (a group of one gives advantage 0, not nan).
   9. The chunked path for large vocabularies (the same losses on hidden @ W.T, never all the logits at once)
-     lives beside this file, in chunked_loss.py, with its tests in tests/test_losses.py.
+     lives beside this file, in chunked_loss.py, with its tests in tests/test_chunked_loss.py.
  10. Top-k support: the DASD router keeps the student's FULL-vocabulary entropy H_t (the gate asks how uncertain
      the student is, which the top-k renormalization would distort: a flat tail outside the teacher's k entries
      is invisible to it); only D_pull and D_push use the top-k support. The logged metrics (student entropy,

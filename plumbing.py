@@ -61,6 +61,7 @@ def all_reduce_sum(values, device, ddp):
 # Auto choices (dtype, attention, chunked loss, gradient checkpointing) and the flags a resume may not change.
 
 
+# the flags that define the trained network and its optimizer state: a resume must not change them
 RESUME_FIXED = ("model", "method", "teacher", "lora_r", "lora_alpha", "lora_targets")
 
 def check_resume_config(cfg, saved, ckpt_dir):

@@ -1,4 +1,4 @@
-"""On-policy self-distillation for math reasoning: OPSD, DASD, ATESD (and GRPO / SFT baselines) in one file.
+"""On-policy self-distillation for math reasoning: OPSD, DASD, ATESD (and GRPO / SFT baselines), step by step.
 
 Papers:
   OPSD  "Self-Distilled Reasoner: On-Policy Self-Distillation for LLMs"                  arXiv 2601.18734
@@ -11,7 +11,8 @@ One step of the algorithm (OPSD family), one function each, in the order main() 
                                                                                     (exposure.py, teacher.py)
   3. train_on_batch       teacher forward (no grad) and student forward on the same tokens y; per-token
                           loss D(p_T || p_S) (OPSD) or entropy-routed pull/push (DASD), token mean over
-                          the global batch; backward, clip, one optimizer step  (microbatch_loss, losses.py)
+                          the global batch; backward, clip, one optimizer step
+                          (microbatch_loss; losses.py, chunked_loss.py)
   4. sync_weights         mark the rollout engine stale (prepare_engine loads the new weights right before the
                           next rollout, waking a sleeping engine first) and move the EMA teacher
   5. step_metrics, observe_controller   log, and tell the exposure controller how the loss moved (its
@@ -482,7 +483,6 @@ def rollout_context(cfg, rows, tok, model_config):
     return need
 
 
-# the flags that define the trained network and its optimizer state: a resume must not change them
 READER_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # --sft_reader_share: the exposures a reader row's prompt is drawn from
 
 
@@ -594,7 +594,8 @@ def prepare_engine(run):
 def sample_batch(run, my_rows, step):
     """Token ids in, token ids out (never decoded and re-tokenized prompts). Returns (batch, rewards):
     batch holds one dict per sequence (student_prompt, response, answer, row, truncated); rewards are
-    1.0 / 0.0 per rollout by grader.check_answer, which evaluate.py grades with too. SFT's "rollouts" are the reference solutions."""
+    1.0 / 0.0 per rollout by grader.check_answer, which evaluate.py grades with too. SFT's "rollouts" are the
+    reference solutions."""
     cfg, tok = run.cfg, run.tok
     s_prompt_ids = [teacherlib.student_prompt_ids(tok, r["problem"], enable_thinking=cfg.student_thinking)
                     for r in my_rows]
@@ -889,9 +890,11 @@ def step_metrics(run, batch, rewards, sums, n_local, alpha):
     if run.cfg.exposure == "atesd" and run.teacher_model is not None:
         alp = teacher_answer_logprob(run, batch, alpha)
     n_resp = float(sum(len(b["response"]) for b in batch))  # n_local: the loss's tokens, fewer under --distill_mask_answer
-    glob = plumbing.all_reduce_sum({**sums, "n_tok": n_local, "n_resp": n_resp, "n_seq": float(len(batch)), "answer_logprob": alp,
-                           "correct": float(sum(rewards)), "n_rollouts": float(len(rewards)),
-                           "truncated": float(sum(b.get("truncated", False) for b in batch))}, run.device, run.ddp)
+    glob = plumbing.all_reduce_sum({**sums, "n_tok": n_local, "n_resp": n_resp, "n_seq": float(len(batch)),
+                                    "answer_logprob": alp, "correct": float(sum(rewards)),
+                                    "n_rollouts": float(len(rewards)),
+                                    "truncated": float(sum(b.get("truncated", False) for b in batch))},
+                                   run.device, run.ddp)
     rec = {}
     for k, v in glob.items():
         if "/" in k:

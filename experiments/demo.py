@@ -23,8 +23,8 @@ Timed (what `minutes` in summary.json measures):
     python experiments/demo.py --method opsd --steps 12 --out runs/demo_opsd
     python experiments/demo.py --method opsd --warm_start reader --out runs/demo_reader   # the answer leak
 
-Why the default method is SFT (docs/results.md, "The answer leak"): the demo must show a paired interval that excludes zero on
-200 problems within 15 minutes, and on this 135M testbed SFT at lr 1e-5 is the method measured to do it
+Why the default method is SFT (docs/results.md, "The answer leak"): the demo must show a paired interval that excludes
+zero on 200 problems within 15 minutes, and on this 135M testbed SFT at lr 1e-5 is the method measured to do it
 (+7.6 [+4.3, +11.0] Avg@4 points). Every self-distillation variant measured loses accuracy, from the format warm
 start (DASD + ATESD -28.8 [-33.8, -23.9], OPSD -14.8), whose teacher does not read its reference, and from the reader
 warm start (--warm_start reader: OPSD -4.5, with the answer leak removed -3.5 or -4.0), whose teacher does. Every demo
@@ -58,9 +58,10 @@ from disagreement import consistency  # noqa: E402  (experiments/disagreement.py
 # dtype included, is the cache key: a bf16 build and an fp32 build are two cache entries, never mixed.
 WARM_START = ["--method", "sft", "--steps", "30", "--prompts_per_step", "16", "--micro_batch", "8",
               "--lr", "1e-4", "--max_new_tokens", "128"]
-# The *reader* warm start (docs/choices.md, choice 24): twice the steps, and half the rows trained from the teacher's prompt
-# (the training-split reference revealed at alpha in train.READER_ALPHAS) to the same reference. Its teacher reads
-# the context it is shown, as a large model's does: the testbed where the answer leak shows (results/leak/).
+# The *reader* warm start (docs/choices.md, choice 24): twice the steps, and half the rows trained from the teacher's
+# prompt (the training-split reference revealed at alpha in train.READER_ALPHAS) to the same reference. Its teacher
+# reads the context it is shown, as a large model's does: the testbed where the answer leak shows
+# (results/leak_reader_start/).
 READER_START = [*WARM_START[:WARM_START.index("--steps")], "--steps", "60",
                 *WARM_START[WARM_START.index("--steps") + 2:], "--sft_reader_share", "0.5"]
 WARM_STARTS = {"format": WARM_START, "reader": READER_START}
@@ -106,7 +107,7 @@ def ensure_warm_start(py, recipe=None):
     print(f"set-up: {kind} warm start (SFT on training-split solutions, once) -> {final}", flush=True)
     resume = ["--resume"] if os.path.isdir(os.path.join(work, "ckpt")) else []
     runner.run([py, "train.py", *recipe, *WARM_START_PINNED, "--save_every", "5", "--out_dir", work, *resume],
-        os.path.join(work, "train.log"))
+               os.path.join(work, "train.log"))
     shutil.copytree(os.path.join(work, "final"), final + ".tmp", dirs_exist_ok=True)
     dtype = recipe[recipe.index("--dtype") + 1] if "--dtype" in recipe else "auto"
     with open(os.path.join(final + ".tmp", "warm_start.json"), "w") as f:
@@ -131,7 +132,7 @@ def ensure_start_eval(py, start, eval_args):
         print(f"set-up: the start point's evaluation (once) -> {folder}", flush=True)
         os.makedirs(folder + ".tmp", exist_ok=True)
         runner.run([py, "evaluate.py", "--model", start, *eval_args, "--out", folder + ".tmp"],
-            os.path.join(folder + ".tmp", "eval.log"))
+                   os.path.join(folder + ".tmp", "eval.log"))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(folder + ".tmp", folder)
     with open(path) as f:
@@ -275,15 +276,15 @@ def main(argv=None):
     if not os.path.exists(os.path.join(train_dir, "final", "config.json")):
         resume = ["--resume"] if os.path.isdir(os.path.join(train_dir, "ckpt")) else []
         runner.run([py, "train.py", "--model", start, "--method", args.method, "--steps", str(args.steps),
-             *args.train_args.split(), "--rollout", args.rollout, "--dtype", args.dtype, "--save_every", "4",
-             "--out_dir", train_dir, *resume], os.path.join(out, "train.log"))
+                    *args.train_args.split(), "--rollout", args.rollout, "--dtype", args.dtype, "--save_every", "4",
+                    "--out_dir", train_dir, *resume], os.path.join(out, "train.log"))
     eval_dir = os.path.join(out, "eval")
     if not os.path.exists(os.path.join(eval_dir, "report.json")):
         # the same problems, k, sampling seeds and dtype as the start point's cached evaluation: the difference is
         # paired exactly as if both models were evaluated in one run
         runner.run([py, "evaluate.py", "--model", os.path.join(train_dir, "final"), *eval_args,
-             "--plot_train", os.path.join(train_dir, "metrics.jsonl"), "--out", eval_dir],
-            os.path.join(out, "eval.log"))
+                    "--plot_train", os.path.join(train_dir, "metrics.jsonl"), "--out", eval_dir],
+                   os.path.join(out, "eval.log"))
     minutes = (time.time() - t0) / 60  # of the stages this call ran (all of them in a run that was not interrupted)
 
     with open(os.path.join(eval_dir, "report.json")) as f:

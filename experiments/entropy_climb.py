@@ -12,7 +12,8 @@ entropy on the same tokens, `kl/teacher_student`).
 
     python experiments/entropy_climb.py                  # runs what is missing (resumable), then the report
     python experiments/entropy_climb.py --report_only
-Output: results/entropy_climb/<run>/{config.json,metrics.jsonl}, table.md, entropy_climb.png.
+Output: results/entropy_climb/<run>/{config.json,metrics.jsonl} (and train.log, not committed), table.md,
+entropy_climb.png.
 """
 
 import argparse

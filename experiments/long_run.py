@@ -72,10 +72,10 @@ def run(args):
             continue
         resume = ["--resume"] if os.path.isdir(os.path.join(train_dir, "ckpt")) else []
         runner.run([py, "train.py", "--model", start, *args.train_args.split(), "--steps", str(s),
-                  "--dtype", args.dtype, "--rollout", "vllm", "--save_every", str(args.every), "--out_dir", train_dir,
-                  *resume], os.path.join(folder, "train.log"))
+                    "--dtype", args.dtype, "--rollout", "vllm", "--save_every", str(args.every),
+                    "--out_dir", train_dir, *resume], os.path.join(folder, "train.log"))
         runner.run([py, "evaluate.py", "--model", os.path.join(train_dir, "final"), *eval_args(args),
-                  "--out", os.path.dirname(report)], os.path.join(folder, "eval.log"))
+                    "--out", os.path.dirname(report)], os.path.join(folder, "eval.log"))
         avg, diff, (lo, hi) = point(start_report, report)
         print(f"{args.name} after {s} steps: Avg@{args.k} {avg:.2f}, vs start {diff:+.2f} [{lo:+.2f}, {hi:+.2f}]",
               flush=True)

@@ -23,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import miniature  # noqa: E402  (experiments/miniature.py)
+import runner  # noqa: E402  (experiments/runner.py)
 
 
 def miniature_args(folder):
@@ -59,12 +60,12 @@ def run_variant_unit(args, method, seed, extra, folder, env):
         os.makedirs(tdir, exist_ok=True)
         cmd = miniature.train_cmd(args, method, seed, args.lr, os.path.join(args.out, "data", "train.jsonl"), tdir)
         # argparse: the last flag wins
-        miniature.runner.run(cmd + extra, os.path.join(tdir, "train.log"), env=env, echo=False)
+        runner.run(cmd + extra, os.path.join(tdir, "train.log"), env=env, echo=False)
     tmp = os.path.join(folder, "eval.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    miniature.runner.run(miniature.eval_cmd(args, final, seed, "embedded:test", tmp, args.n_problems),
-                         os.path.join(tmp, "eval.log"), env=env, echo=False)
+    runner.run(miniature.eval_cmd(args, final, seed, "embedded:test", tmp, args.n_problems),
+               os.path.join(tmp, "eval.log"), env=env, echo=False)
     shutil.rmtree(os.path.join(folder, "eval"), ignore_errors=True)
     os.replace(tmp, os.path.join(folder, "eval"))
     for sub in ("final", "ckpt"):
@@ -85,7 +86,7 @@ def compare(args, method, seeds, out):
         start = [(avg, pp) for s, avg, pp in starts.get(build, []) if s == seed]  # this build, this seed
         if start:
             row["start_avg"] = start[0][0]
-            row["vs_start"] = miniature.runner.paired(start[0][1], variant.get("accuracy_per_problem"))
+            row["vs_start"] = runner.paired(start[0][1], variant.get("accuracy_per_problem"))
         mfolder = os.path.join(runs, method, f"seed{seed}")
         mreport = os.path.join(mfolder, "eval", "report.json")
         if os.path.exists(mreport):
@@ -93,8 +94,8 @@ def compare(args, method, seeds, out):
             row["miniature_avg"] = base["avg_at_k"]
             row["miniature_build"] = miniature.start_build(mfolder)
             if row["miniature_build"] == build:  # a pair only when both trained from the same weights
-                row["vs_miniature"] = miniature.runner.paired(base.get("accuracy_per_problem"),
-                                                              variant.get("accuracy_per_problem"))
+                row["vs_miniature"] = runner.paired(base.get("accuracy_per_problem"),
+                                                    variant.get("accuracy_per_problem"))
         rows.append(row)
     return rows
 
