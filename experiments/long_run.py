@@ -27,6 +27,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import demo  # noqa: E402  (experiments/demo.py: warm starts, the start point's cached evaluation, pairing)
+from disagreement import consistency  # noqa: E402  (box/chain consistency of samples)
 import runner  # noqa: E402
 
 ROOT = demo.ROOT
@@ -65,6 +66,9 @@ def run(args):
     start_report = demo.ensure_start_eval(py, start, eval_args(args))
     with open(os.path.join(folder, "start_report.json"), "w") as f:
         json.dump(start_report, f)  # the step-0 point of curves(), kept with the run
+    os.makedirs(os.path.join(folder, "start"), exist_ok=True)
+    shutil.copy(os.path.join(demo.start_eval_dir(start, eval_args(args)), "samples.jsonl"),
+                os.path.join(folder, "start", "samples.jsonl"))
     train_dir = os.path.join(folder, "train")
     for s in range(args.every, args.steps + 1, args.every):
         report = os.path.join(folder, f"eval_step{s}", "report.json")
@@ -83,21 +87,36 @@ def run(args):
     shutil.rmtree(os.path.join(train_dir, "ckpt"), ignore_errors=True)
 
 
+def box_chain(folder):
+    """(share of boxed answers equal to their chain's last number, count of chains that end at the gold answer with
+    another number boxed) of the samples.jsonl in an evaluation folder; (None, None) without one."""
+    path = os.path.join(folder, "samples.jsonl")
+    if not os.path.exists(path):
+        return None, None
+    with open(path) as f:
+        c = consistency([json.loads(line) for line in f if line.strip()])
+    return c["box_equals_chain"] / max(c["with_box_and_chain"], 1), c["chain_right_box_not"]
+
+
 def curves(out):
-    """{name: {"steps": [...], "avg": [...], "diff": [...], "lo": [...], "hi": [...], "train": metrics}} from every
-    run in `out`, the start point as step 0."""
+    """{name: {"steps": [...], "avg": [...], "diff": [...], "lo": [...], "hi": [...], "box_chain": [...],
+    "cut_loose": [...], "train": metrics}} from every run in `out`, the start point as step 0 (its box/chain
+    consistency from start_samples.jsonl when the run kept a copy)."""
     result = {}
     for folder in sorted(glob.glob(os.path.join(out, "*", "start_report.json"))):
         folder = os.path.dirname(folder)
         with open(os.path.join(folder, "start_report.json")) as f:
             start_report = json.load(f)
         (start,) = start_report["results"].values()
-        c = {"steps": [0], "avg": [start[BENCH]["avg_at_k"]], "diff": [0.0], "lo": [0.0], "hi": [0.0]}
+        share, loose = box_chain(os.path.join(folder, "start"))
+        c = {"steps": [0], "avg": [start[BENCH]["avg_at_k"]], "diff": [0.0], "lo": [0.0], "hi": [0.0],
+             "box_chain": [share], "cut_loose": [loose]}
         reports = glob.glob(os.path.join(folder, "eval_step*", "report.json"))
         for report in sorted(reports, key=lambda p: int(p.split("eval_step")[1].split(os.sep)[0])):
             avg, diff, (lo, hi) = point(start_report, report)
             c["steps"].append(int(report.split("eval_step")[1].split(os.sep)[0]))
-            for key, v in zip(("avg", "diff", "lo", "hi"), (avg, diff, lo, hi)):
+            share, loose = box_chain(os.path.dirname(report))
+            for key, v in zip(("avg", "diff", "lo", "hi", "box_chain", "cut_loose"), (avg, diff, lo, hi, share, loose)):
                 c[key].append(v)
         metrics = os.path.join(folder, "train", "metrics.jsonl")
         if os.path.exists(metrics):
@@ -117,17 +136,21 @@ def report(out):
     cs = curves(out)
     with open(os.path.join(out, "curves.json"), "w") as f:
         json.dump(cs, f, indent=1)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax, ax3, ax2) = plt.subplots(1, 3, figsize=(15, 4.2))
     for i, (name, c) in enumerate(cs.items()):
         ax.plot(c["steps"], c["diff"], marker="o", color=f"C{i}", label=name)
         ax.fill_between(c["steps"], c["lo"], c["hi"], color=f"C{i}", alpha=0.15)
         if "train" in c:
             ax2.plot(c["train"]["step"], c["train"]["entropy/student"], color=f"C{i}", label=name)
+        pts = [(s, 100 * v) for s, v in zip(c["steps"], c["box_chain"]) if v is not None]
+        if pts:
+            ax3.plot(*zip(*pts), marker="o", color=f"C{i}", label=name)
         print(f"{name}: " + ", ".join(f"step {s} {d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
                                       for s, d, lo, hi in zip(c["steps"][1:], c["diff"][1:], c["lo"][1:], c["hi"][1:])))
     ax.axhline(0, color="k", lw=0.8)
     ax.set(xlabel="training step", ylabel="Avg@k minus the start (points), 95% CI", title="accuracy along the run")
     ax2.set(xlabel="training step", ylabel="student entropy (nats/token)", title="student entropy")
+    ax3.set(xlabel="training step", ylabel="% of boxes = the chain's last number", title="box/chain consistency")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=120)

@@ -29,7 +29,11 @@ def test_curves_pair_every_evaluation_with_the_start(tmp_path):
     for s, counts in later.items():
         (run / f"eval_step{s}").mkdir()
         (run / f"eval_step{s}" / "report.json").write_text(json.dumps(report("final", counts)))
+    samples = [{"response": "9 - 7 = 2.\nAnswer: \\boxed{1.33}", "gold": "2"},  # a box cut loose from its chain
+               {"response": "4 + 3 = 7.\nAnswer: \\boxed{7}", "gold": "7"}]
+    (run / "eval_step16" / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in samples))
     c = long_run.curves(str(tmp_path))["opsd"]
+    assert c["box_chain"] == [None, None, 0.5] and c["cut_loose"] == [None, None, 1]
     assert c["steps"] == [0, 8, 16]
     for i, s in enumerate((8, 16), start=1):
         assert c["diff"][i] == pytest.approx(100 * (sum(later[s]) - sum(start)) / (4 * len(start)))
