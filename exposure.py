@@ -29,80 +29,33 @@ The learned controller (mode "atesd"), with k a decision made at step t0 = k * H
     loss     = -mean_B A_k * log Beta(u_k; a(s_k), b(s_k))
                + c_ent * mean_B max(0, Entropy(Beta(a(s_k), b(s_k))) - entropy_target)
 
-Where the paper is silent and we chose (every number is a keyword argument of `make_exposure`):
- 1. hold H = 4. One alpha per 4 student updates: enough updates under one teacher context for
-    the loss differences of the lookahead, and still 25 decisions in a 100-step run (5 in 20).
- 2. lookahead L = 3 = H - 1. The distillation loss of a step depends on the teacher's context,
-    so its level jumps when alpha changes. With L <= H - 1 every difference l_(i-1) - l_i in G_lp
-    is taken under one alpha; with L >= H the last difference would compare two teachers, and a
-    high-alpha decision (high loss level) followed by a lower one would be paid for the jump.
-    L <= H - 1 also makes the controller exactly on-policy: a decision's reward is complete
-    before the next decision is sampled. L >= H still works (decisions still in flight at an
-    update were sampled by the previous policy; we use them as they are, no importance ratio).
- 3. gamma = 0.9: weights 1, 0.9, 0.81 over the 3-step lookahead, nearly flat (each step's loss
-    is one noisy batch, so averaging matters more than emphasis), slightly favouring the
-    immediate effect that is most clearly due to this decision.
- 4. lambda_gt = 0.1. Both terms are in nats per token, but loss decreases per step are a few
-    percent of the loss, while the teacher's answer log-probability moves by tenths of a nat
-    with exposure; 0.1 puts the two on a comparable scale. Advantages are standardized, so only
-    the ratio of the two terms' spreads across decisions matters: `exposure/reward_lp` and
-    `exposure/reward_gt` are logged separately to tune it.
- 5. batch_decisions B = 4: an update every 16 steps at the defaults (6 updates in 100 steps).
-    4 rewards give a usable mean/std for the standardized advantage; B = 2 would reduce it to
-    a sign. A partial batch at the end of training is not used.
- 6. MLP 6 -> 32 -> 2 with tanh, float64 on CPU. The last layer starts at zero, so the prior is
-    Beta(1 + ln 2, 1 + ln 2) in every state: mean 0.5 (the paper's best fixed exposure), std 0.24
-    (explores the whole range). Adam with lr = 0.02. With standardized advantages every update
-    has about the same size whatever the reward scale, so lr sets both the speed and the
-    wander. On the synthetic student of the tests (5 seeds, reward noise about half the best
-    progress) the Beta mean came within 0.1 of the optimum after 20-36 decisions (5-9 updates,
-    ~100 steps at the defaults) and then wandered about it (averages 0.13-0.25 for an optimum at
-    0.25); when the optimum moved from 0.25 to 0.75 it followed within 50-222 decisions: a
-    policy that has narrowed around one alpha rarely samples far from it. lr = 0.05 moved
-    faster but, under reward noise, sometimes walked into the alpha_min clip and stayed there
-    (every draw clipped to the same alpha, so rewards differ by noise only: no signal left).
-    At the defaults a 20-step run makes 5 decisions and 1 update, so there the controller is in
-    effect its prior (alpha spread around 0.5); it needs ~100 steps or more to learn anything.
- 7. alpha range [0.05, 1.0]: 1.0 keeps full exposure (OPSD) reachable; 0.05 makes the teacher
-    always read at least the first reasoning step (ceil(0.05 m) >= 1), never the answer alone.
-    The log-probability in REINFORCE is that of the unclipped sample u_k.
- 8. entropy_target = -0.9 nats (the differential entropy of Beta(12, 12), std 0.10) with
-    c_ent = 0.01: a gentle push from the broad prior (entropy -0.08) toward committing, weak
-    next to the policy-gradient term, and it stops once the policy is that narrow. It is a
-    ceiling, not a floor: nothing here stops the policy from narrowing further on its own.
- 9. State features (we read "normalize" as: every feature is O(1) from the first step, with no
-    warm-up statistics): progress 2 t/T - 1; EMA of alpha 2 a - 1; the EMAs (decay 0.9, ~10
-    steps) of distillation loss, mismatch and probe NLL as relative change from their first
-    value (x - x_0) / |x_0|, clipped to [-5, 5]; batch-mean student confidence 2 c - 1. A feature
-    train.py does not measure stays constant and acts as a bias.
-10. Decisions whose lookahead would run past the last step (t0 + L > total_steps - 1) are used
-    for training but never scored (counted in `exposure/dropped`); a decision that misses a
-    report (a gap in the step numbers) is dropped the same way rather than scored on a
-    shortened window.
-11. Beta samples are drawn with our own Marsaglia-Tsang gamma sampler from a private
-    torch.Generator (torch.distributions draws from the global generator), so the controller's
-    randomness is its own and can be saved and restored exactly. The MLP is evaluated with
-    elementwise products and sums in float64 (no BLAS call), so ranks fed the same all-reduced
-    reports compute the same alphas.
-12. "random" draws alpha uniformly from the same [alpha_min, alpha_max] and holds it for the
-    same `hold` steps as the controller, so the ablation differs from ATESD only in the policy.
+Where the paper is silent and we chose (keyword arguments of `make_exposure`; the reasons and the measurements
+behind each number are in docs/choices.md, choice 6):
+ 1. hold H = 4: one alpha per 4 student updates (25 decisions in 100 steps).
+ 2. lookahead L = 3 = H - 1: every loss difference in G_lp is taken under one alpha, and a decision's reward is
+    complete before the next is sampled (exactly on-policy). L >= H works too, without an importance ratio.
+ 3. gamma = 0.9: a nearly flat discount over the lookahead (each loss is one noisy batch).
+ 4. lambda_gt = 0.1: puts G_lp and G_gt on a comparable scale; both are logged to tune it.
+ 5. batch_decisions B = 4: an update every 16 steps; a partial batch at the end is not used.
+ 6. MLP 6 -> 32 -> 2, tanh, float64 on CPU, last layer zero (prior Beta(1 + ln 2, 1 + ln 2): mean 0.5, std 0.24);
+    Adam lr 0.02. It needs ~100 steps to learn anything; before that it is its prior.
+ 7. alpha in [0.05, 1.0]: full exposure stays reachable, the answer alone never. REINFORCE uses the
+    log-probability of the unclipped sample u_k.
+ 8. entropy_target = -0.9 nats (Beta(12, 12)) with c_ent = 0.01: a gentle ceiling on the policy's entropy.
+ 9. State features, each O(1) from the first step: progress 2 t/T - 1; EMA of alpha 2 a - 1; the EMAs (decay 0.9)
+    of loss, mismatch and probe NLL as relative change from their first value, clipped to [-5, 5]; 2 c - 1 of the
+    batch-mean confidence. A feature train.py does not measure stays constant (a bias).
+10. A decision whose lookahead runs past the last step, or misses a report, is dropped, never scored on a
+    shortened window (`exposure/dropped`).
+11. Beta samples from our own Marsaglia-Tsang sampler and a private torch.Generator (saved and restored exactly);
+    the MLP in elementwise float64 (no BLAS), so every rank computes the same alphas.
+12. "random" draws alpha uniformly from [alpha_min, alpha_max], held for `hold` steps: the ablation differs from
+    ATESD only in the policy.
 
-Metrics (`metrics()`; all namespaced exposure/):
-    alpha                 the exposure in use at this step
-    beta_mean, beta_concentration, policy_entropy
-                          a / (a + b), a + b and the differential entropy (nats, <= 0) of the Beta
-                          the current alpha was drawn from
-    reward, reward_lp, reward_gt
-                          R, G_lp and G_gt of the most recently scored decision
-    reward_batch_mean, reward_batch_std, controller_loss
-                          of the most recent REINFORCE update (policy-gradient loss + entropy hinge)
-    decisions, scored, dropped, updates
-                          running counts
-    Reward and update entries appear once there is a reward / an update. The "fixed", "full" and
-    "random" schedules log exposure/alpha only.
+Metrics: exposure/* in docs/metrics.md. The "fixed", "full" and "random" schedules log exposure/alpha only.
 
 Example:
-    python exposure.py          # the controller learning on a synthetic student, step by step
+    python experiments/exposure_demo.py   # the controller learning on a synthetic student, step by step
 """
 
 import copy
@@ -112,7 +65,6 @@ import torch
 
 # ---------------------------------------------------------------------------------------------
 # the reward: pure functions
-# ---------------------------------------------------------------------------------------------
 
 
 def discounted_progress(losses, gamma):
@@ -136,7 +88,6 @@ def guard_term(values, gamma):
 
 # ---------------------------------------------------------------------------------------------
 # Beta sampling from a private generator
-# ---------------------------------------------------------------------------------------------
 
 
 def sample_gamma(k, gen):
@@ -162,7 +113,6 @@ def sample_beta(a, b, gen):
 
 # ---------------------------------------------------------------------------------------------
 # the ablation schedules: full, fixed, random
-# ---------------------------------------------------------------------------------------------
 
 
 class FixedExposure:
@@ -223,7 +173,6 @@ class RandomExposure:
 
 # ---------------------------------------------------------------------------------------------
 # the learned controller
-# ---------------------------------------------------------------------------------------------
 
 N_FEATURES = 6  # progress, EMA alpha, EMA loss, EMA mismatch, EMA probe NLL, confidence
 
@@ -456,7 +405,6 @@ class BetaController:
 
 # ---------------------------------------------------------------------------------------------
 # one constructor for train.py
-# ---------------------------------------------------------------------------------------------
 
 
 def make_exposure(mode, *, alpha=0.5, total_steps, seed=0, hold=4, lookahead=3, gamma=0.9, lambda_gt=0.1,
@@ -477,50 +425,3 @@ def make_exposure(mode, *, alpha=0.5, total_steps, seed=0, hold=4, lookahead=3, 
             hidden=hidden, ema=ema,
         )
     raise ValueError(f"unknown exposure mode {mode!r}: expected full, fixed, random or atesd")
-
-
-# ---------------------------------------------------------------------------------------------
-# demo: the controller on a synthetic student
-# ---------------------------------------------------------------------------------------------
-
-if __name__ == "__main__":
-    print("reward on a hand example, gamma = 0.9:")
-    losses = [1.00, 0.90, 0.95, 0.80]  # the rise 0.90 -> 0.95 counts 0, not -0.05
-    print(f"  losses {losses}: G_lp = 0.10 + 0.9 * 0 + 0.81 * 0.15 = {discounted_progress(losses, 0.9):.4f}")
-    gts = [-1.0, -0.5, -0.2]
-    print(f"  answer log-probs {gts}: G_gt = {guard_term(gts, 0.9):.4f}")
-
-    # A synthetic student: its clean loss falls by 0.01 * exp(-((alpha - alpha*) / 0.25)^2) per step,
-    # so progress is fastest at alpha* = 0.25 for the first 150 decisions, then at 0.75. The observed
-    # distillation loss adds 0.3 * alpha (a teacher that sees more is harder to match; constant within
-    # a hold, so it cancels in G_lp) and noise; the teacher's answer log-prob is flat here (-1 + noise).
-    n1, n2 = 150, 250
-    steps = 4 * (n1 + n2)
-    ctrl = make_exposure("atesd", total_steps=steps, seed=0)
-    noise = torch.Generator().manual_seed(100)
-    clean = 2.0
-    print("\nthe first decisions in detail (hold 4, lookahead 3, one update per 4 scored decisions):")
-    for t in range(steps):
-        best = 0.25 if t < 4 * n1 else 0.75
-        alpha = ctrl.alpha_for_step(t)
-        if t < 20 and t % 4 == 0:
-            c = ctrl.current
-            s = ", ".join(f"{x:+.2f}" for x in ctrl.features(t))
-            print(f"  step {t:2d}: state [{s}]  Beta({c['a']:.3f}, {c['b']:.3f})  u = {c['u']:.3f}  alpha = {alpha:.3f}")
-        observed = clean + 0.3 * alpha + 0.005 * float(torch.randn((), generator=noise))
-        g = -1.0 + 0.05 * float(torch.randn((), generator=noise))
-        clean -= 0.01 * math.exp(-(((alpha - best) / 0.25) ** 2))
-        n_scored, n_updates = ctrl.counts["scored"], ctrl.counts["updates"]
-        ctrl.report(t, loss=observed, answer_logprob=g, mismatch=0.3 * alpha, probe_nll=clean, confidence=0.5)
-        m = ctrl.metrics()
-        if t < 20 and ctrl.counts["scored"] > n_scored:
-            print(f"  step {t:2d}: decision scored, G_lp = {m['exposure/reward_lp']:.4f}  "
-                  f"G_gt = {m['exposure/reward_gt']:.4f}  R = {m['exposure/reward']:+.4f}")
-        if t < 20 and ctrl.counts["updates"] > n_updates:
-            print(f"  step {t:2d}: REINFORCE update, controller loss {m['exposure/controller_loss']:+.4f}")
-        if t == 20:
-            print("\n step  alpha*  alpha  Beta mean  concentration  entropy   reward  updates")
-        if t % 80 == 79:
-            print(f"{t:5d}  {best:.2f}   {alpha:.3f}    {m['exposure/beta_mean']:.3f}        "
-                  f"{m['exposure/beta_concentration']:6.2f}     {m['exposure/policy_entropy']:+.3f}  "
-                  f"{m['exposure/reward']:+.4f}  {int(m['exposure/updates']):4d}")

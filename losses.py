@@ -18,10 +18,9 @@ Equations, per response position t (all sums over the vocabulary v):
     else     :  m = beta p_T + (1 - beta) p_S
                 D = beta KL(p_T || m) + (1 - beta) KL(p_S || m)                 (<= log 2 at beta = 0.5)
   OPSD per-entry clip at tau (0.05 in the paper): every summand s_v is replaced by min(s_v, tau) before the sum.
-    A clipped entry has no gradient. For beta = 0 the gradient on the student's logit z_u is then
-    -p_T(u) [s_u <= tau] + p_S(u) P_T(unclipped): when the clipped entry is the teacher's confident token, a
-    descent step lowers its student probability (the unclipped KL's p_S(u) - p_T(u) raises it). That happens
-    where p_S(u) < p_T(u) exp(-tau / p_T(u)), e.g. below 0.94 against a teacher at 0.99.
+    A clipped entry has no gradient; for beta = 0 the gradient on z_u is -p_T(u) [s_u <= tau] + p_S(u) P_T(unclipped),
+    so a clipped confident teacher token is pushed *down* where p_S(u) < p_T(u) exp(-tau / p_T(u)) (choice 3 of
+    docs/choices.md).
   OPSD loss:  L = sum_t mask_t D_t / sum_t mask_t                                 (token mean over the batch)
 
   Top-k support (topk = k, OPSD's top_k_loss; None = the full vocabulary):
@@ -55,24 +54,18 @@ Departures and choices where the papers are silent:
      midpoint between the k-th and (k+1)-th largest entropy (the largest one if k = 0, so nothing is pushed and
      a one-token trajectory is plain OPSD). When the entropies of a trajectory are all equal (s_H = 0) the soft
      gate falls back to the hard one, so there is no division by zero.
-  6. DASD push term: a bounded JSD capped at push_margin = 0.1 nats (about the JSD between a 50/50 and a 90/10
-     split over two candidate tokens: a clear change of preference at a fork, well short of abandoning the
-     teacher). Past the margin the push has zero gradient, so the student is never driven to arbitrary
-     distributions. FLOOR: the push part of each token is at most push_weight * push_margin, so with clip=None
-     (D_pull >= 0) the loss is >= -push_weight * push_margin however far the student moves. With the per-entry
-     clip, D_pull itself can dip below 0 (true of OPSD too), but only to -H(p_T) for beta = 0 (a constant of
-     the teacher, not of the student) and to -log V in general.
+  6. DASD push term: a JSD capped at push_margin = 0.1 nats (about the JSD of a 50/50 and a 90/10 split over two
+     tokens: a change of preference at a fork, not abandoning the teacher); past the margin its gradient is zero.
+     FLOOR: with clip=None the loss is >= -push_weight * push_margin; with the clip, D_pull can dip below 0 (as in
+     OPSD), to -H(p_T) for beta = 0 and -log V in general.
   7. Token-advantage form: d_t in A_t is the standardized gap (the same d_t as in the filter), so the shaping term
      has the scale of a GRPO advantage; std is the population std within the trajectory plus 1e-6.
   8. GRPO std is the population std (a group of one gives advantage 0, not nan).
   9. The chunked path for large vocabularies (the same losses on hidden @ W.T, never all the logits at once)
      lives beside this file, in chunked_loss.py, with its tests in tests/test_chunked_loss.py.
- 10. Top-k support: the DASD router keeps the student's FULL-vocabulary entropy H_t (the gate asks how uncertain
-     the student is, which the top-k renormalization would distort: a flat tail outside the teacher's k entries
-     is invisible to it); only D_pull and D_push use the top-k support. The logged metrics (student entropy,
-     unclipped KL(p_T || p_S)) also stay full-vocabulary, so runs with and without topk log comparable numbers.
-     The selection is torch.topk of the teacher's logits in their own dtype (dividing by temp > 0 keeps the
-     order); which of several tied logits at the k-th place is kept is torch.topk's choice.
+ 10. Top-k support: the DASD router keeps the student's FULL-vocabulary entropy H_t (renormalizing over the
+     teacher's k entries would hide a flat tail); only D_pull and D_push use the support. The logged metrics stay
+     full-vocabulary too. The selection is torch.topk of the teacher's logits (ties: torch.topk's choice).
 
 Run the demo:
     python losses.py

@@ -1,11 +1,19 @@
-"""train.py's plumbing: process groups, the auto choices and their resume rules, logging, checkpoints.
+"""train.py's plumbing: flags, set-up, process groups, the auto choices and their resume rules, logs, checkpoints.
 
 Nothing here is part of the algorithm (train.py reads as the algorithm and calls these by name, plumbing.<name>).
+In the order of this file:
+  - parse_flags / field_docs / check_config: Config's fields as flags, each docstring its --help text; flag
+    combinations that make no sense are refused before any work.
   - init_distributed / all_reduce_sum: one process (python train.py) or torchrun's DDP / FSDP2 group.
+  - setup: data, student, teacher, optimizer, exposure schedule and rollout engine (train.Run's fields), resumed
+    from a checkpoint with --resume; load_rows / load_student_and_teacher / add_lora / rollout_context are its
+    loading steps, with errors that name the flag, file or row at fault.
   - choose_*: what --dtype, --attn, --chunk_size and --gradient_checkpointing "auto" become on this machine; a
     resumed run keeps the arithmetic it started with (dtype, attention kernel, loss path), and check_resume_config
     refuses the flags a checkpoint cannot continue under (RESUME_FIXED).
-  - open_log / log_step: metrics.jsonl on rank 0 (plus TensorBoard or W&B when asked).
+  - micro_batches: a step's sequences in forward/backward passes, grouped by length.
+  - open_log / step_record / log_step: the step's global token means, to metrics.jsonl on rank 0 (plus
+    TensorBoard or W&B when asked).
   - maybe_checkpoint ... finish: checkpoints written aside and renamed (an interrupted write leaves a complete one),
     under LoRA the merged model plus the adapter; FSDP2 states gathered to full tensors, so any world size resumes.
 """
@@ -16,13 +24,119 @@ import os
 import random
 import shutil
 import sys
+import typing
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+import data
+import exposure
 import lora
 import model as modellib
+import rollout
 import teacher as teacherlib
+
+
+# -----------------------------------------------------------------------------------------------
+# Flags: each Config field's docstring is its --help text; combinations that make no sense are errors.
+
+
+def parse_flags(cls, argv=None, description=None):
+    """Dataclass -> argparse flags -> an instance of cls. Booleans accept --flag, --flag true/false; Optional[x]
+    accepts none; each field's docstring is its --help text."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = field_docs(cls)
+
+    def to_bool(s):
+        if s.lower() in ("1", "true", "yes", "on"):
+            return True
+        if s.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+    for f in dataclasses.fields(cls):
+        tp = f.type
+        optional = typing.get_origin(tp) is typing.Union
+        base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
+        conv = to_bool if base is bool else base
+        if optional:
+            conv = (lambda c: (lambda s: None if s.lower() in ("none", "") else c(s)))(conv)
+        kw = dict(default=f.default, help=f"{docs.get(f.name, '')} (default: {f.default})")
+        if base is bool:
+            kw.update(nargs="?", const=True)
+        p.add_argument(f"--{f.name}", type=conv, **kw)
+    return cls(**vars(p.parse_args(argv)))
+
+
+def field_docs(cls):
+    """The string literal under each dataclass field is its documentation (as in cleanrl)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body, docs = tree.body[0].body, {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def check_config(cfg):
+    """Flag combinations that make no sense are errors before any work starts."""
+    errors = []
+    if cfg.exposure == "auto":
+        cfg.exposure = "full" if cfg.method in ("grpo", "sft") else "atesd"
+    if cfg.method not in ("opsd", "dasd", "dasd_adv", "grpo", "sft"):
+        errors.append(f"--method {cfg.method!r}: choose opsd, dasd, dasd_adv, grpo or sft")
+    if cfg.exposure not in ("full", "fixed", "random", "atesd"):
+        errors.append(f"--exposure {cfg.exposure!r}: choose full, fixed, random or atesd")
+    if cfg.teacher not in ("frozen", "live", "ema"):
+        errors.append(f"--teacher {cfg.teacher!r}: choose frozen, live or ema")
+    if cfg.method == "grpo" and cfg.samples_per_prompt < 2:
+        errors.append("--method grpo needs --samples_per_prompt >= 2 (advantages are relative to the group)")
+    if cfg.distill_mask_answer and cfg.method not in ("opsd", "dasd", "dasd_adv"):
+        errors.append(f"--distill_mask_answer applies to the losses with a teacher (opsd, dasd, dasd_adv), not "
+                      f"--method {cfg.method}")
+    if not 0.0 <= cfg.sft_reader_share <= 1.0:
+        errors.append(f"--sft_reader_share {cfg.sft_reader_share} must be in [0, 1]")
+    if cfg.sft_reader_share > 0 and cfg.method != "sft":
+        errors.append(f"--sft_reader_share trains on teacher prompts with the SFT loss; it needs --method sft, "
+                      f"not {cfg.method}")
+    if not cfg.teacher_show_answer and cfg.method in ("grpo", "sft"):
+        errors.append(f"--teacher_show_answer false: --method {cfg.method} has no teacher")
+    if cfg.method in ("grpo", "sft") and cfg.exposure != "full":
+        errors.append(f"--method {cfg.method} uses no teacher, so --exposure must stay 'full' (got {cfg.exposure!r})")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        errors.append(f"--alpha {cfg.alpha} must be in [0, 1]")
+    if not 0.0 <= cfg.beta <= 1.0:
+        errors.append(f"--beta {cfg.beta} must be in [0, 1]")
+    if not 0.0 < cfg.push_fraction < 1.0:
+        errors.append(f"--push_fraction {cfg.push_fraction} must be in (0, 1)")
+    if cfg.steps < 1 or cfg.prompts_per_step < 1 or cfg.samples_per_prompt < 1 or cfg.micro_batch < 1:
+        errors.append("--steps, --prompts_per_step, --samples_per_prompt and --micro_batch must be >= 1")
+    if cfg.temperature <= 0:
+        errors.append("--temperature must be > 0 (on-policy distillation needs sampled rollouts)")
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        errors.append(f"--dtype {cfg.dtype!r}: choose auto, bfloat16 or float32")
+    if cfg.attn not in ("auto", "sdpa", "eager"):
+        errors.append(f"--attn {cfg.attn!r}: choose auto, sdpa or eager")
+    if cfg.chunk_size < -1:
+        errors.append(f"--chunk_size {cfg.chunk_size}: use a positive chunk, 0 (plain loss) or -1 (auto)")
+    if cfg.topk is not None and cfg.topk < 1:
+        errors.append(f"--topk {cfg.topk} must be >= 1 (none: the full vocabulary)")
+    if cfg.optimizer not in ("adamw", "sgd"):
+        errors.append(f"--optimizer {cfg.optimizer!r}: choose adamw or sgd")
+    if cfg.rollout not in ("auto", "hf", "vllm"):
+        errors.append(f"--rollout {cfg.rollout!r}: choose auto, hf or vllm")
+    if cfg.lora_r < 0 or not 0.0 <= cfg.lora_dropout < 1.0:
+        errors.append("--lora_r must be >= 0 and --lora_dropout in [0, 1)")
+    if cfg.lora_r and cfg.lora_alpha is None:
+        cfg.lora_alpha = 2.0 * cfg.lora_r  # computed at run time (and recorded in config.json)
+    if errors:
+        raise SystemExit("train.py: " + "\n  ".join(["invalid flags:"] + errors))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -56,6 +170,178 @@ def all_reduce_sum(values, device, ddp):
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+# -----------------------------------------------------------------------------------------------
+# Set-up: everything a step reads, built once.
+
+
+def setup(cfg):
+    """Data, student, teacher, optimizer, exposure schedule and rollout engine, built once (resumed from the
+    checkpoint with --resume): the fields of train.Run, as a dict."""
+    if cfg.fsdp and "RANK" not in os.environ:
+        raise SystemExit("train.py: --fsdp runs under torchrun, also for one process: "
+                         "torchrun --nproc_per_node=N train.py --fsdp ...")
+    ddp, rank, world, device = init_distributed(fsdp=cfg.fsdp)
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple of the "
+                         f"number of processes ({world}) so that every rank gets the same number of prompts")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
+    rows = load_rows(cfg)
+
+    resume_state = None
+    if cfg.resume:
+        if not os.path.isdir(ckpt_dir) and os.path.isdir(ckpt_dir + ".old"):
+            ckpt_dir = ckpt_dir + ".old"  # the rename of a newer checkpoint was interrupted
+        if not os.path.isdir(ckpt_dir):
+            raise SystemExit(f"train.py: --resume but no checkpoint in {ckpt_dir}")
+        resume_state = load_checkpoint(ckpt_dir)
+        check_resume_config(cfg, resume_state["config"], ckpt_dir)
+    cfg.dtype = choose_dtype(cfg, device, ddp, resume_state)
+    cfg.attn = choose_attn(cfg, device, resume_state)
+    start_path = modellib.resolve(cfg.model)
+    student, tok, teacher_model = load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir)
+    vocab = student.get_output_embeddings().weight.shape[0]
+    cfg.chunk_size = choose_chunk_size(cfg, device, resume_state, vocab)
+    cfg.gradient_checkpointing = choose_gradient_checkpointing(cfg, device)
+    if cfg.gradient_checkpointing:  # after the teacher's copy was made: the copy never recomputes
+        enable_gradient_checkpointing(student)
+    train_model = wrap_for_parallel(cfg, student, ddp, device)
+    if cfg.teacher == "live" and teacher_model is not None:
+        teacher_model = student  # the same parameters, called outside DDP's forward (no grad anyway)
+
+    params = [p for p in student.parameters() if p.requires_grad]  # every parameter, or LoRA's A and B
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                                fused=(cfg.fused_adamw and not cfg.fsdp) or None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    expo_kw = {k: getattr(cfg, k) for k in ("hold", "lookahead", "gamma", "lambda_gt", "batch_decisions")
+               if getattr(cfg, k) is not None}
+    if cfg.controller_lr is not None:
+        expo_kw["lr"] = cfg.controller_lr
+    expo = exposure.make_exposure(cfg.exposure, alpha=cfg.alpha, total_steps=cfg.steps, seed=cfg.seed, **expo_kw)
+
+    start_step, n_skipped = 0, 0
+    if resume_state is not None:
+        load_optimizer_state(cfg, train_model, opt, resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        expo.load_state_dict(resume_state["exposure"])
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        random.setstate(resume_state["rng"]["python"])
+        start_step, n_skipped = resume_state["step"], resume_state["n_skipped"]
+
+    # one rollout engine per rank; seeds differ per rank and per step (departure 4)
+    engine = None
+    if cfg.method != "sft":
+        backend = rollout.default_backend() if cfg.rollout == "auto" else cfg.rollout
+        engine = rollout.make_rollout(
+            backend, model=student, model_path=start_path, tokenizer=tok,
+            seed=cfg.seed + (rank // cfg.vllm_tensor_parallel_size if backend == "vllm" else rank),
+            dtype=cfg.dtype, max_model_len=rollout_context(cfg, rows, tok, unwrap(student).config),
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            tensor_parallel_size=cfg.vllm_tensor_parallel_size, enable_sleep_mode=cfg.vllm_sleep)
+    # a resumed engine starts from the start model's weights: it loads the checkpoint's before it first samples
+    return dict(cfg=cfg, ddp=ddp, rank=rank, world=world, device=device, rows=rows, tok=tok, student=student,
+                train_model=train_model, teacher_model=teacher_model, opt=opt, sched=sched, expo=expo, engine=engine,
+                start_step=start_step, n_skipped=n_skipped, ckpt_dir=ckpt_dir,
+                engine_stale=engine is not None and resume_state is not None)
+
+
+# -----------------------------------------------------------------------------------------------
+# Set-up's loading steps: training rows, the student and its teacher, LoRA, the rollout engine's context.
+
+
+def rollout_context(cfg, rows, tok, model_config):
+    """vLLM's max_model_len: the longest student prompt of --data plus --max_new_tokens, so that no response is
+    cut short by the engine's context. Every problem is tokenized (one batched call); the chat template is
+    rendered exactly for the longest ones (the template adds a fixed wrapper, give or take a merge at its
+    edges). A clear error if that exceeds the model's own context."""
+    n = [len(x) for x in tok([r["problem"] for r in rows], add_special_tokens=False)["input_ids"]]
+    longest = sorted(range(len(rows)), key=lambda i: -n[i])
+    top = [i for i in longest[:256] if n[i] >= n[longest[0]] - 16]
+    lens = {i: len(teacherlib.student_prompt_ids(tok, rows[i]["problem"], enable_thinking=cfg.student_thinking))
+            for i in top}
+    i_max = max(lens, key=lens.get)
+    need = lens[i_max] + cfg.max_new_tokens
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and need > limit:
+        raise SystemExit(f"train.py: --data {cfg.data} row {i_max}: its student prompt ({lens[i_max]} tokens) plus "
+                         f"--max_new_tokens {cfg.max_new_tokens} is {need} tokens, beyond the model's context "
+                         f"(max_position_embeddings {limit}); lower --max_new_tokens or drop the longest problems")
+    return need
+
+
+def load_rows(cfg):
+    try:
+        return data.load_dataset(cfg.data, split="train", problem_field=cfg.problem_field,
+                                 solution_field=cfg.solution_field, answer_field=cfg.answer_field,
+                                 skip_bad_rows=cfg.skip_bad_rows)
+    except (data.DataError, FileNotFoundError) as e:
+        raise SystemExit(f"train.py: {e}") from e
+
+
+def load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir):
+    """The student (trained) and the teacher (a frozen copy, an EMA copy, or None for grpo and sft).
+    Under LoRA the student is the peft-wrapped model and the frozen / EMA teacher a view of its own network."""
+    try:
+        # fp32 master weights (departure 5); bf16 matmuls come from autocast
+        student, tok = modellib.load(start_path, dtype=torch.float32, device=device,
+                                     trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn)
+    except FileNotFoundError as e:
+        raise SystemExit(f"train.py: {e}") from e
+    if cfg.lora_r:
+        student = add_lora(cfg, student)
+    # the frozen teacher is the *initial* policy, so it is built before resumed weights are loaded
+    teacher_model = None
+    if cfg.method not in ("grpo", "sft"):
+        # under --dtype bfloat16 the frozen copy's linear weights are bf16: bit for bit the same teacher under
+        # autocast, 2 bytes per weight instead of 4 (teacher.py choice 8)
+        teacher_model = teacherlib.make_teacher(student, mode=cfg.teacher,
+                                                linear_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None)
+        if resume_state is not None and cfg.teacher == "ema":
+            teacherlib.load_ema_state(teacher_model, resume_state["ema_teacher"])
+    if resume_state is not None and cfg.lora_r:
+        try:
+            lora.load_adapter(student, os.path.join(ckpt_dir, "adapter"))  # the base weights never change
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"train.py: --lora_r {cfg.lora_r} --resume: {e}") from e
+    elif resume_state is not None:
+        import glob
+
+        from safetensors.torch import load_file
+
+        sd = {}
+        for f in sorted(glob.glob(os.path.join(ckpt_dir, "model", "*.safetensors"))):
+            sd.update(load_file(f))
+        missing, _ = student.load_state_dict(sd, strict=False)
+        if [k for k in missing if k != "lm_head.weight"]:  # a tied lm_head is not stored separately
+            raise SystemExit(f"train.py: checkpoint {ckpt_dir} lacks weights: {missing[:5]}")
+        if getattr(student.config, "tie_word_embeddings", False):
+            student.tie_weights()
+    student.train()
+    return student, tok, teacher_model
+
+
+def add_lora(cfg, student):
+    """The student wrapped in a LoRA adapter (lora.py): the base weights frozen, A and B trained."""
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    try:
+        student = lora.add_lora(student, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets)
+    except (ImportError, ValueError) as e:
+        raise SystemExit(f"train.py: --lora_r {cfg.lora_r}: {e}") from e
+    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in student.parameters())
+    if is_rank0():
+        print(f"LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha:g} on {','.join(targets)}: "
+              f"{n_train:,} of {n_all:,} parameters trained ({100 * n_train / n_all:.2f}%)")
+    return student
+
 
 # -----------------------------------------------------------------------------------------------
 # Auto choices (dtype, attention, chunked loss, gradient checkpointing) and the flags a resume may not change.
@@ -164,6 +450,24 @@ def wrap_for_parallel(cfg, student, ddp, device):
             student, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     return student
 
+
+# -----------------------------------------------------------------------------------------------
+# Micro-batches
+
+
+def chunks(xs, n):
+    return [xs[i: i + n] for i in range(0, len(xs), n)]
+
+
+def micro_batches(batch, size, group_by_length):
+    """The batch split into forward/backward passes of at most `size` sequences. A pass pads every row to its
+    longest prompt plus its longest response (teacher.response_forward), so grouping similar lengths cuts the
+    padding's compute; one pass (len(batch) <= size) is left in the batch's own order."""
+    if group_by_length and len(batch) > size:
+        batch = sorted(batch, key=lambda b: (len(b["response"]), len(b["student_prompt"])))
+    return chunks(batch, size)
+
+
 # -----------------------------------------------------------------------------------------------
 # Logging: metrics.jsonl on rank 0 (plus TensorBoard / W&B if asked); only rank 0 prints.
 
@@ -204,6 +508,32 @@ def open_loggers(cfg, master):
     return tb, wb
 
 
+def step_record(run, batch, rewards, sums, n_local, answer_logprob=None):
+    """The step's record: loss metrics as token means over the global batch, rollout statistics, and
+    for ATESD the teacher's log-prob of the reference answer (answer_logprob: this rank's sum over sequences)."""
+    alp = 0.0 if answer_logprob is None else answer_logprob
+    n_resp = float(sum(len(b["response"]) for b in batch))  # n_local: the loss's tokens, fewer under --distill_mask_answer
+    glob = all_reduce_sum({**sums, "n_tok": n_local, "n_resp": n_resp, "n_seq": float(len(batch)),
+                                    "answer_logprob": alp, "correct": float(sum(rewards)),
+                                    "n_rollouts": float(len(rewards)),
+                                    "truncated": float(sum(b.get("truncated", False) for b in batch))},
+                                   run.device, run.ddp)
+    rec = {}
+    for k, v in glob.items():
+        if "/" in k:
+            rec[k] = v / max(glob["n_tok"], 1.0)  # token-weighted means
+    if answer_logprob is not None:
+        rec["teacher/answer_logprob"] = glob["answer_logprob"] / max(glob["n_seq"], 1.0)
+    rec.update({
+        "rollout/accuracy": glob["correct"] / max(glob["n_rollouts"], 1.0) if glob["n_rollouts"] else None,
+        "rollout/truncated": glob["truncated"] / max(glob["n_seq"], 1.0),
+        "rollout/response_len": glob["n_resp"] / max(glob["n_seq"], 1.0),
+    })
+    if run.cfg.distill_mask_answer:
+        rec["loss/token_share"] = glob["n_tok"] / max(glob["n_resp"], 1.0)  # response tokens the loss covers
+    return rec, glob["n_resp"]
+
+
 def log_step(run, log, rec):
     log_path, tb, wb = log
     if not run.master:
@@ -216,6 +546,7 @@ def log_step(run, log, rec):
             tb.add_scalar(k, v, rec["step"])
     if wb is not None:
         wb.log(nums, step=rec["step"])
+
 
 # -----------------------------------------------------------------------------------------------
 # Checkpoints: model as a save_pretrained folder (under LoRA merged, plus the adapter for --resume), the rest in

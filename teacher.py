@@ -28,38 +28,24 @@ Departures / choices where the papers are silent:
     0.3 * 10 = 3.0000000000000004 does not reveal an extra step.
  2. The teacher prompt is one user turn: problem, reference (header says whether it is complete,
     partial, or the answer only), then a transition instruction. Wording is ours.
- 3. enable_thinking is passed to the chat template only when it is not None, separately for the
-    student and the teacher (a non-thinking student with a thinking teacher is what OPSD reports).
-    Qwen3's template then ends the student's prompt with an empty think block "<think>\n\n</think>\n\n"
-    and the teacher's with "<|im_start|>assistant\n", where Qwen3 would write "<think>" first: the teacher
-    scores the student's first answer token there, as OPSD's code does (their issue #10). closed_think
-    (train.py --teacher_closed_think, off by default) opens the teacher's turn like the student's instead.
+ 3. enable_thinking goes to the chat template only when it is not None, separately for the student and the
+    teacher; closed_think (train.py --teacher_closed_think) opens the teacher's turn like the student's
+    (Qwen3's first-token mismatch: docs/choices.md, choice 22).
  4. Batching: every sequence is its own [prompt | response]; prompts are LEFT-padded to a common
     length P so every response starts at column P, responses are right-padded to T. Explicit
     position_ids = cumsum(mask) - 1 make each row's positions identical to an unpadded forward.
     Only the T needed logit rows are computed (logits_to_keep = columns P-1 .. P+T-2).
- 5. answer_logprob scores "a}" after a fixed lead-in "The final answer is \\boxed{" at the start
-    of the teacher's turn. When the prompt already shows the answer (the paper's teacher context),
-    g measures how confidently the exposed context supports copying the answer; with
-    show_answer=False in teacher_prompt_ids the answer is withheld and g measures how far the
-    revealed steps alone lead to it. Both are offered; the caller chooses. Measured on the embedded
-    model, 16 test problems (`python teacher.py --answer_probe`), with the answer shown g is flat
-    in alpha (mean -0.84 / -0.86 / -0.83 at alpha 0 / 0.5 / 1): a copy signal, so a weak guard;
-    withheld, it rises with exposure (mean -2.23 at alpha 0, -1.73 at alpha 1, 8 problems).
+ 5. answer_logprob scores "a}" after a fixed lead-in "The final answer is \\boxed{" at the start of the
+    teacher's turn. With the answer shown in the prompt (the paper's context) g is a copy signal, flat in alpha on
+    the embedded model; with show_answer=False it measures how far the revealed steps alone lead to the answer,
+    and rises with alpha (docs/choices.md, choice 8; `python experiments/answer_probe.py`). The caller chooses.
  6. EMA also copies buffers (e.g. rotary inv_freq) from the student; parameters are matched by name.
- 7. Under LoRA (lora.py) the frozen and EMA teachers are no copies but the student's own network
-    (LoraTeacher): frozen runs it with the adapter off (theta_0 = the base weights, since B starts at 0);
-    ema keeps an EMA of the adapter's A and B only (as OPSD's code does: ema(B) ema(A), not ema(B A)) and
-    puts it into the adapter for the teacher's forward. It starts at the initial adapter, like the full
-    EMA teacher (OPSD's code starts it from the adapter after the first step).
- 8. The frozen copy of a full fine-tuned student may hold its linear layers' weights in bf16 (make_teacher's
-    linear_dtype; train.py does it under --dtype bfloat16): under bf16 autocast every linear layer multiplies
-    bf16 copies of its weight anyway, and .to(bfloat16) rounds exactly as autocast's cast does, so the teacher's
-    outputs are bit for bit those of the fp32 copy (tests check it), in 2 instead of 4 bytes per weight and
-    without a cast at every forward. The embeddings (and an lm_head tied to them) and the norms stay fp32:
-    the embedding output starts the fp32 residual stream, and elementwise ops are not autocast. The EMA copy
-    stays fp32: an update (1 - decay) (theta_S - theta_T) is far below bf16's resolution (8 significant bits:
-    neighbouring values 0.4-0.8% apart) and would round away.
+ 7. Under LoRA (lora.py) the frozen and EMA teachers are the student's own network (LoraTeacher): frozen runs
+    it with the adapter off (the base weights, since B starts at 0); ema keeps an EMA of the adapter's A and B
+    (as OPSD's code: ema(B) ema(A), not ema(B A)), starting at the initial adapter.
+ 8. Under bf16 the frozen copy holds its linear weights in bf16 (make_teacher's linear_dtype): autocast would cast
+    them to the same values at every forward, so its outputs are bit for bit the fp32 copy's (tests check it) in
+    half the memory. Embeddings and norms stay fp32; so does the EMA copy, whose updates would round away in bf16.
 
 Example:
     python teacher.py        # prints prompts at several exposures and a teacher-scoring demo
@@ -76,7 +62,6 @@ import lora
 
 # ---------------------------------------------------------------------------------------------
 # exposure: which part of the reference the teacher sees
-# ---------------------------------------------------------------------------------------------
 
 # a segment that only states the final answer, e.g. "Answer: \boxed{7}" or "The answer is $\boxed{7}$."
 ANSWER_LINE = re.compile(r"^\W*((final\s+)?answer|the\s+(final\s+)?answer\s+is|so\s+the\s+answer\s+is)?\W*"
@@ -109,7 +94,6 @@ def reveal(solution, answer, alpha, *, show_answer=True):
 
 # ---------------------------------------------------------------------------------------------
 # prompts (plain message lists, then token ids through the chat template)
-# ---------------------------------------------------------------------------------------------
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 TRANSITION = ("Now that you have seen the reference, solve the problem yourself, in your own words. "
@@ -196,7 +180,6 @@ def teacher_prompt_ids(tokenizer, problem, solution, answer, *, alpha=1.0, enabl
 
 # ---------------------------------------------------------------------------------------------
 # scoring a response: the logits (or hidden states) at exactly the rows that predict it
-# ---------------------------------------------------------------------------------------------
 
 
 def response_forward(model, prompt_ids, response_ids, *, hidden=False, pad_id=0):
@@ -247,7 +230,6 @@ def teacher_logits(teacher_model, prompt_ids, response_ids, *, hidden=False, pad
 
 # ---------------------------------------------------------------------------------------------
 # teacher weights: frozen / live / EMA
-# ---------------------------------------------------------------------------------------------
 
 
 def unwrap(model):
@@ -364,7 +346,6 @@ def load_ema_state(teacher, state):
 
 # ---------------------------------------------------------------------------------------------
 # answer guard for the exposure controller
-# ---------------------------------------------------------------------------------------------
 
 ANSWER_LEAD = "The final answer is \\boxed{"
 
@@ -385,30 +366,8 @@ def answer_logprob(model, tokenizer, teacher_prompt_ids, answers, *, lead=ANSWER
     return (logp_y * m).sum(1) / m.sum(1).clamp(min=1)  # (B,)
 
 
-def answer_probe(n=24, alphas=(0.0, 0.5, 1.0)):
-    """Mean answer log-probability g of the embedded model over n embedded test problems, per alpha,
-    with the answer shown in the teacher prompt and withheld (choice 5)."""
-    import data
-    import model as model_lib
-
-    net, tok = model_lib.load(dtype=torch.float32)
-    rows = data.embedded_split("test")[:n]
-    for show in (True, False):
-        for alpha in alphas:
-            prompts = [teacher_prompt_ids(tok, r["problem"], r["solution"], r["answer"], alpha=alpha,
-                                          show_answer=show) for r in rows]
-            g = answer_logprob(net, tok, prompts, [r["answer"] for r in rows])
-            print(f"show_answer={show!s:5} alpha={alpha:.2f}: mean g = {g.mean():.3f}  (min {g.min():.3f}, max {g.max():.3f})")
-
-
 if __name__ == "__main__":
-    import sys
-
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    if "--answer_probe" in sys.argv:  # python teacher.py --answer_probe: g on the embedded model
-        answer_probe()
-        sys.exit(0)
 
     solution = "Mia gets 7 more apples: 12 + 7 = 19.\nMia has 5 fewer apples: 19 - 5 = 14.\nAnswer: \\boxed{14}"
     print("steps:", split_steps(solution))

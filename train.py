@@ -15,18 +15,14 @@ One step of the algorithm (OPSD family), one function each, in the order main() 
                           (microbatch_loss; losses.py, chunked_loss.py)
   4. sync_weights         mark the rollout engine stale (prepare_engine loads the new weights right before the
                           next rollout, waking a sleeping engine first) and move the EMA teacher
-  5. step_metrics, observe_controller   log, and tell the exposure controller how the loss moved (its
-                          reward arrives L steps later)
+  5. observe_controller   tell the exposure controller how the loss moved (its reward arrives L steps later),
+                          with teacher_answer_logprob (its guard) and the step's record (plumbing.step_record)
   GRPO adds group advantages between 1 and 2 (add_advantages); SFT replaces 1 by the reference solutions.
 
 Run:
   python train.py                                          # embedded SmolLM2-135M + embedded data, CPU
   python train.py --method opsd --exposure full --steps 20 # plain OPSD
-  torchrun --nproc_per_node=2 train.py                     # 2 processes (gloo on CPU, NCCL on GPU)
-  python train.py --method opsd --lora_r 64 --lr 2e-4      # LoRA r64 / alpha 128, as OPSD's runs
-  torchrun --nproc_per_node=8 train.py --model Qwen/Qwen3-1.7B --data my_math.jsonl \
-      --max_new_tokens 1024 --temperature 1.1 --prompts_per_step 32 --lr 5e-6 --chunk_size 512 \
-      --student_thinking false --teacher_thinking true --rollout vllm
+  torchrun --nproc_per_node=8 train.py --model Qwen/Qwen3-1.7B ...   # GPUs: README.md has the full commands
 
 Where this file departs from the textbook algorithms (each is a flag):
   1. Full fine-tuning by default; --lora_r 64 trains LoRA r64 / alpha 128 on every projection of the blocks,
@@ -39,21 +35,14 @@ Where this file departs from the textbook algorithms (each is a flag):
   4. Rollouts are re-seeded every step from (seed, step, rank): a resumed run samples exactly what an
      uninterrupted run would, with no generator state to carry.
   5. Parameters stay float32 (the optimizer's master copy); matmuls run in bf16 autocast when the dtype is
-     bfloat16. --dtype auto (the default) takes bf16 on a GPU and, on a CPU, whichever of bf16 and fp32
-     multiplies faster on this machine (measured at start: CPUs without bf16 units emulate it slowly).
-     The frozen teacher's copy holds its linear weights in bf16 under bf16 (the same products as autocast's
-     casts, bit for bit; teacher.py choice 8). On a GPU the student recomputes its blocks' activations in the
-     backward (--gradient_checkpointing) and the loss is chunked for large vocabularies (--chunk_size):
-     bench/gpu_memory.py predicts the memory of a run per GPU.
+     bfloat16. --dtype auto takes bf16 on a GPU and, on a CPU, whichever of bf16 and fp32 multiplies faster on
+     this machine (measured at start: CPUs without bf16 units emulate it slowly).
   6. The exposure controller runs identically on every rank from all-reduced statistics, so all
      ranks use the same alpha without a broadcast.
 """
 
 import contextlib
-import dataclasses
 import math
-import os
-import random
 import time
 import typing
 from dataclasses import dataclass
@@ -62,15 +51,11 @@ import numpy as np
 import torch
 
 import chunked_loss
-import data
 import entropy
-import exposure
 import grader
 import lora
 import losses
-import model as modellib
 import plumbing
-import rollout
 import teacher as teacherlib
 
 # -----------------------------------------------------------------------------------------------
@@ -108,23 +93,17 @@ class Config:
     teacher_thinking: typing.Optional[bool] = None
     """enable_thinking for the teacher's chat template (Qwen3); None leaves the template's default."""
     teacher_closed_think: bool = False
-    """Open the teacher's turn with the template's non-thinking generation prompt (Qwen3: an empty think block)
-    instead of its own, so it scores the response where a non-thinking student wrote it. Off: a thinking
-    teacher scores the first token where it would write <think>, as OPSD's code does. No effect without
-    thinking in the template."""
+    """Open the teacher's turn like a non-thinking student's (Qwen3: an empty think block). Off: a thinking teacher
+    scores the first token where it would write <think>, as OPSD's code does (docs/choices.md, choice 22)."""
     teacher_show_answer: bool = True
-    """The teacher's context ends with the reference's final answer line (Answer: \\boxed{...}), as in the papers.
-    false: the revealed steps only (teacher.reveal's show_answer), a teacher that cannot copy the answer into the
-    student's box (docs/choices.md, choice 23)."""
+    """The teacher's context ends with the reference's answer line, as in the papers; false: the revealed steps only,
+    a teacher that cannot copy the answer into the student's box (docs/choices.md, choice 23)."""
     distill_mask_answer: bool = False
-    """opsd/dasd/dasd_adv: leave the final-answer span (each response from its last \\boxed on,
-    teacher.answer_span_start) out of the loss and its token mean. A teacher that sees the answer pulls the student's
-    box toward it whatever the student's chain computed (docs/choices.md, choice 23)."""
+    """opsd/dasd/dasd_adv: leave the final-answer span (from the response's last \\boxed on) out of the loss and its
+    token mean, where a teacher that sees the answer pulls the box toward it (docs/choices.md, choice 23)."""
     sft_reader_share: float = 0.0
-    """sft only: the share of rows whose prompt is the *teacher's* (teacher.teacher_prompt_ids, the reference revealed
-    at an alpha drawn from READER_ALPHAS per row) instead of the student's; the target stays the reference solution.
-    0.5 builds the "reader" warm start (docs/choices.md, choice 24): a model whose teacher context is read, not
-    ignored."""
+    """sft only: the share of rows trained from the *teacher's* prompt (the reference revealed at an alpha drawn from
+    READER_ALPHAS) instead of the student's; 0.5 builds the "reader" warm start (docs/choices.md, choice 24)."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off by default: loading a model must not execute foreign code."""
 
@@ -134,8 +113,7 @@ class Config:
     lora_alpha: typing.Optional[float] = None
     """LoRA scale numerator, update = (lora_alpha / lora_r) B A; None = 2 * lora_r, as OPSD's runs (r 64, alpha 128)."""
     lora_dropout: float = 0.0
-    """Dropout on the adapter's input. 0: with dropout the student's training forward would not be the function
-    the rollouts were sampled from (no longer exactly on-policy), and a live/EMA teacher would be noisy."""
+    """Dropout on the adapter's input. 0: with dropout the training forward is not the sampling policy."""
     lora_targets: str = ",".join(lora.TARGETS)
     """Comma-separated module names that get an adapter: every linear projection of the transformer blocks, as
     OPSD's runs (never lm_head or the embeddings)."""
@@ -180,12 +158,9 @@ class Config:
     """opsd/dasd: the divergence on the teacher's top-k vocabulary entries, both sides renormalized over
     them (OPSD's top_k_loss); None = the full vocabulary. DASD's router keeps the full-vocabulary entropy."""
     chunk_size: int = -1
-    """opsd/dasd/sft: >0 computes the loss from hidden states in chunks of this many tokens, never holding the
-    full (T, V) logits (chunked_loss.chunked_distill_loss / chunked_nll_loss; use it for large vocabularies such as
-    Qwen3's 151,936); 0 = the plain loss on full logits; -1 (auto) = for these methods without --fsdp: 256 on a
-    CPU, where bench/step_time.py measures the student step well below the plain path's, and 512 on a GPU when
-    the vocabulary has >= 65,536 entries (there each (B, T, V) fp32 logits tensor of the plain loss is 5 GB at
-    B = 4, T = 2048, V = 151,936, and it keeps several); 0 elsewhere (a resume keeps the run's value)."""
+    """opsd/dasd/sft: >0 computes the loss from hidden states in chunks of this many tokens, never the full (T, V)
+    logits (chunked_loss.py); 0 = the plain loss; -1 (auto, without --fsdp) = 256 on a CPU (faster there), 512 on a
+    GPU for vocabularies of 64k+ entries (memory), 0 elsewhere (docs/choices.md, choice 16). A resume keeps it."""
 
     # --- exposure controller (ATESD; see exposure.py for the defaults' reasons)
     hold: typing.Optional[int] = None
@@ -213,8 +188,8 @@ class Config:
     grad_clip: float = 1.0
     """Clip of the global gradient norm (0 disables)."""
     fused_adamw: bool = True
-    """AdamW's fused kernel (one pass over all parameters; torch's default on a CPU is a loop over them, 4.5x
-    slower for the 135M model in bench/step_time.py). The same update to rounding; off under --fsdp."""
+    """AdamW's fused kernel (4.5x faster than torch's per-parameter loop on a CPU, bench/step_time.py); the same
+    update to rounding; off under --fsdp."""
 
     # --- systems
     rollout: str = "auto"
@@ -229,16 +204,11 @@ class Config:
     """bfloat16 (autocast, fp32 master weights) | float32 | auto (bfloat16 on GPU; on CPU the one whose
     matmuls are faster on this machine, measured at start; recorded in config.json)."""
     attn: str = "auto"
-    """Attention kernel of the student and teacher (transformers' attn_implementation): sdpa | eager | auto
-    (eager on a CPU, where bench/step_time.py measures torch's flash-attention CPU kernel, mostly its backward,
-    slower than eager attention's matmuls at these sequence lengths; sdpa on a GPU). The same math to rounding;
-    a resume keeps the run's value."""
+    """Attention kernel (transformers' attn_implementation): sdpa | eager | auto (eager on a CPU, measured faster
+    there, docs/choices.md, choice 18; sdpa on a GPU). The same math to rounding; a resume keeps it."""
     gradient_checkpointing: typing.Optional[bool] = None
-    """Recompute each transformer block's activations during the backward pass instead of storing them
-    (transformers' gradient_checkpointing_enable, non-reentrant): the student keeps only each block's fp32 input,
-    for Qwen3-1.7B in bf16 8 KiB instead of 138 KiB per token and block (bench/gpu_memory.py), and runs its
-    forward twice. None (auto) = on with a GPU, off on a CPU (small runs there: the extra forward costs time and
-    memory is not short). Memory and time only, the same loss and gradients: a resume may change it."""
+    """Recompute each block's activations in the backward instead of storing them (Qwen3-1.7B: 8 instead of 138 KiB
+    per token and block, bench/gpu_memory.py). None (auto) = on with a GPU, off on a CPU. Same gradients."""
     fsdp: bool = False
     """Shard the student with FSDP2 (fully_shard) instead of DDP, for models that do not fit one device."""
     seed: int = 0
@@ -260,99 +230,8 @@ class Config:
 
 
 def parse_config(argv=None):
-    """Dataclass -> argparse flags. Booleans accept --flag, --flag true/false; Optional[x] accepts none."""
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    docs = field_docs(Config)
-
-    def to_bool(s):
-        if s.lower() in ("1", "true", "yes", "on"):
-            return True
-        if s.lower() in ("0", "false", "no", "off"):
-            return False
-        raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-    for f in dataclasses.fields(Config):
-        tp = f.type
-        optional = typing.get_origin(tp) is typing.Union
-        base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
-        conv = to_bool if base is bool else base
-        if optional:
-            conv = (lambda c: (lambda s: None if s.lower() in ("none", "") else c(s)))(conv)
-        kw = dict(default=f.default, help=f"{docs.get(f.name, '')} (default: {f.default})")
-        if base is bool:
-            kw.update(nargs="?", const=True)
-        p.add_argument(f"--{f.name}", type=conv, **kw)
-    return Config(**vars(p.parse_args(argv)))
-
-
-def field_docs(cls):
-    """The string literal under each dataclass field is its documentation (as in cleanrl)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(cls))
-    body, docs = tree.body[0].body, {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = " ".join(b.value.value.split())
-    return docs
-
-
-def check_config(cfg):
-    """Flag combinations that make no sense are errors before any work starts."""
-    errors = []
-    if cfg.exposure == "auto":
-        cfg.exposure = "full" if cfg.method in ("grpo", "sft") else "atesd"
-    if cfg.method not in ("opsd", "dasd", "dasd_adv", "grpo", "sft"):
-        errors.append(f"--method {cfg.method!r}: choose opsd, dasd, dasd_adv, grpo or sft")
-    if cfg.exposure not in ("full", "fixed", "random", "atesd"):
-        errors.append(f"--exposure {cfg.exposure!r}: choose full, fixed, random or atesd")
-    if cfg.teacher not in ("frozen", "live", "ema"):
-        errors.append(f"--teacher {cfg.teacher!r}: choose frozen, live or ema")
-    if cfg.method == "grpo" and cfg.samples_per_prompt < 2:
-        errors.append("--method grpo needs --samples_per_prompt >= 2 (advantages are relative to the group)")
-    if cfg.distill_mask_answer and cfg.method not in ("opsd", "dasd", "dasd_adv"):
-        errors.append(f"--distill_mask_answer applies to the losses with a teacher (opsd, dasd, dasd_adv), not "
-                      f"--method {cfg.method}")
-    if not 0.0 <= cfg.sft_reader_share <= 1.0:
-        errors.append(f"--sft_reader_share {cfg.sft_reader_share} must be in [0, 1]")
-    if cfg.sft_reader_share > 0 and cfg.method != "sft":
-        errors.append(f"--sft_reader_share trains on teacher prompts with the SFT loss; it needs --method sft, "
-                      f"not {cfg.method}")
-    if not cfg.teacher_show_answer and cfg.method in ("grpo", "sft"):
-        errors.append(f"--teacher_show_answer false: --method {cfg.method} has no teacher")
-    if cfg.method in ("grpo", "sft") and cfg.exposure != "full":
-        errors.append(f"--method {cfg.method} uses no teacher, so --exposure must stay 'full' (got {cfg.exposure!r})")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        errors.append(f"--alpha {cfg.alpha} must be in [0, 1]")
-    if not 0.0 <= cfg.beta <= 1.0:
-        errors.append(f"--beta {cfg.beta} must be in [0, 1]")
-    if not 0.0 < cfg.push_fraction < 1.0:
-        errors.append(f"--push_fraction {cfg.push_fraction} must be in (0, 1)")
-    if cfg.steps < 1 or cfg.prompts_per_step < 1 or cfg.samples_per_prompt < 1 or cfg.micro_batch < 1:
-        errors.append("--steps, --prompts_per_step, --samples_per_prompt and --micro_batch must be >= 1")
-    if cfg.temperature <= 0:
-        errors.append("--temperature must be > 0 (on-policy distillation needs sampled rollouts)")
-    if cfg.dtype not in ("auto", "bfloat16", "float32"):
-        errors.append(f"--dtype {cfg.dtype!r}: choose auto, bfloat16 or float32")
-    if cfg.attn not in ("auto", "sdpa", "eager"):
-        errors.append(f"--attn {cfg.attn!r}: choose auto, sdpa or eager")
-    if cfg.chunk_size < -1:
-        errors.append(f"--chunk_size {cfg.chunk_size}: use a positive chunk, 0 (plain loss) or -1 (auto)")
-    if cfg.topk is not None and cfg.topk < 1:
-        errors.append(f"--topk {cfg.topk} must be >= 1 (none: the full vocabulary)")
-    if cfg.optimizer not in ("adamw", "sgd"):
-        errors.append(f"--optimizer {cfg.optimizer!r}: choose adamw or sgd")
-    if cfg.rollout not in ("auto", "hf", "vllm"):
-        errors.append(f"--rollout {cfg.rollout!r}: choose auto, hf or vllm")
-    if cfg.lora_r < 0 or not 0.0 <= cfg.lora_dropout < 1.0:
-        errors.append("--lora_r must be >= 0 and --lora_dropout in [0, 1)")
-    if cfg.lora_r and cfg.lora_alpha is None:
-        cfg.lora_alpha = 2.0 * cfg.lora_r  # computed at run time (and recorded in config.json)
-    if errors:
-        raise SystemExit("train.py: " + "\n  ".join(["invalid flags:"] + errors))
+    """Config from command-line flags: --<field> for every field, its docstring as the --help text."""
+    return plumbing.parse_flags(Config, argv, description=__doc__.split("\n")[0])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -361,7 +240,7 @@ def check_config(cfg):
 
 @dataclass
 class Run:
-    """What every step reads, built once by setup() (a record, not an object with behaviour)."""
+    """What every step reads, built once by plumbing.setup (a record, not an object with behaviour)."""
     cfg: Config
     ddp: bool
     rank: int
@@ -390,166 +269,7 @@ class Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
 
 
-def setup(cfg):
-    if cfg.fsdp and "RANK" not in os.environ:
-        raise SystemExit("train.py: --fsdp runs under torchrun, also for one process: "
-                         "torchrun --nproc_per_node=N train.py --fsdp ...")
-    ddp, rank, world, device = plumbing.init_distributed(fsdp=cfg.fsdp)
-    if cfg.prompts_per_step % world:
-        raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple of the "
-                         f"number of processes ({world}) so that every rank gets the same number of prompts")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
-    rows = load_rows(cfg)
-
-    resume_state = None
-    if cfg.resume:
-        if not os.path.isdir(ckpt_dir) and os.path.isdir(ckpt_dir + ".old"):
-            ckpt_dir = ckpt_dir + ".old"  # the rename of a newer checkpoint was interrupted
-        if not os.path.isdir(ckpt_dir):
-            raise SystemExit(f"train.py: --resume but no checkpoint in {ckpt_dir}")
-        resume_state = plumbing.load_checkpoint(ckpt_dir)
-        plumbing.check_resume_config(cfg, resume_state["config"], ckpt_dir)
-    cfg.dtype = plumbing.choose_dtype(cfg, device, ddp, resume_state)
-    cfg.attn = plumbing.choose_attn(cfg, device, resume_state)
-    start_path = modellib.resolve(cfg.model)
-    student, tok, teacher_model = load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir)
-    vocab = student.get_output_embeddings().weight.shape[0]
-    cfg.chunk_size = plumbing.choose_chunk_size(cfg, device, resume_state, vocab)
-    cfg.gradient_checkpointing = plumbing.choose_gradient_checkpointing(cfg, device)
-    if cfg.gradient_checkpointing:  # after the teacher's copy was made: the copy never recomputes
-        plumbing.enable_gradient_checkpointing(student)
-    train_model = plumbing.wrap_for_parallel(cfg, student, ddp, device)
-    if cfg.teacher == "live" and teacher_model is not None:
-        teacher_model = student  # the same parameters, called outside DDP's forward (no grad anyway)
-
-    params = [p for p in student.parameters() if p.requires_grad]  # every parameter, or LoRA's A and B
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                                fused=(cfg.fused_adamw and not cfg.fsdp) or None)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    expo_kw = {k: getattr(cfg, k) for k in ("hold", "lookahead", "gamma", "lambda_gt", "batch_decisions")
-               if getattr(cfg, k) is not None}
-    if cfg.controller_lr is not None:
-        expo_kw["lr"] = cfg.controller_lr
-    expo = exposure.make_exposure(cfg.exposure, alpha=cfg.alpha, total_steps=cfg.steps, seed=cfg.seed, **expo_kw)
-
-    start_step, n_skipped = 0, 0
-    if resume_state is not None:
-        plumbing.load_optimizer_state(cfg, train_model, opt, resume_state["optimizer"])
-        sched.load_state_dict(resume_state["scheduler"])
-        expo.load_state_dict(resume_state["exposure"])
-        torch.set_rng_state(resume_state["rng"]["torch"])
-        random.setstate(resume_state["rng"]["python"])
-        start_step, n_skipped = resume_state["step"], resume_state["n_skipped"]
-
-    # one rollout engine per rank; seeds differ per rank and per step (departure 4)
-    engine = None
-    if cfg.method != "sft":
-        backend = rollout.default_backend() if cfg.rollout == "auto" else cfg.rollout
-        engine = rollout.make_rollout(
-            backend, model=student, model_path=start_path, tokenizer=tok,
-            seed=cfg.seed + (rank // cfg.vllm_tensor_parallel_size if backend == "vllm" else rank),
-            dtype=cfg.dtype, max_model_len=rollout_context(cfg, rows, tok, plumbing.unwrap(student).config),
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-            tensor_parallel_size=cfg.vllm_tensor_parallel_size, enable_sleep_mode=cfg.vllm_sleep)
-    # a resumed engine starts from the start model's weights: it loads the checkpoint's before it first samples
-    return Run(cfg, ddp, rank, world, device, rows, tok, student, train_model, teacher_model, opt, sched, expo,
-               engine, start_step, n_skipped, ckpt_dir, engine_stale=engine is not None and resume_state is not None)
-
-
-def rollout_context(cfg, rows, tok, model_config):
-    """vLLM's max_model_len: the longest student prompt of --data plus --max_new_tokens, so that no response is
-    cut short by the engine's context. Every problem is tokenized (one batched call); the chat template is
-    rendered exactly for the longest ones (the template adds a fixed wrapper, give or take a merge at its
-    edges). A clear error if that exceeds the model's own context."""
-    n = [len(x) for x in tok([r["problem"] for r in rows], add_special_tokens=False)["input_ids"]]
-    longest = sorted(range(len(rows)), key=lambda i: -n[i])
-    top = [i for i in longest[:256] if n[i] >= n[longest[0]] - 16]
-    lens = {i: len(teacherlib.student_prompt_ids(tok, rows[i]["problem"], enable_thinking=cfg.student_thinking))
-            for i in top}
-    i_max = max(lens, key=lens.get)
-    need = lens[i_max] + cfg.max_new_tokens
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if limit is not None and need > limit:
-        raise SystemExit(f"train.py: --data {cfg.data} row {i_max}: its student prompt ({lens[i_max]} tokens) plus "
-                         f"--max_new_tokens {cfg.max_new_tokens} is {need} tokens, beyond the model's context "
-                         f"(max_position_embeddings {limit}); lower --max_new_tokens or drop the longest problems")
-    return need
-
-
 READER_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # --sft_reader_share: the exposures a reader row's prompt is drawn from
-
-
-def load_rows(cfg):
-    try:
-        return data.load_dataset(cfg.data, split="train", problem_field=cfg.problem_field,
-                                 solution_field=cfg.solution_field, answer_field=cfg.answer_field,
-                                 skip_bad_rows=cfg.skip_bad_rows)
-    except (data.DataError, FileNotFoundError) as e:
-        raise SystemExit(f"train.py: {e}") from e
-
-
-def load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir):
-    """The student (trained) and the teacher (a frozen copy, an EMA copy, or None for grpo and sft).
-    Under LoRA the student is the peft-wrapped model and the frozen / EMA teacher a view of its own network."""
-    try:
-        # fp32 master weights (departure 5); bf16 matmuls come from autocast
-        student, tok = modellib.load(start_path, dtype=torch.float32, device=device,
-                                     trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn)
-    except FileNotFoundError as e:
-        raise SystemExit(f"train.py: {e}") from e
-    if cfg.lora_r:
-        student = add_lora(cfg, student)
-    # the frozen teacher is the *initial* policy, so it is built before resumed weights are loaded
-    teacher_model = None
-    if cfg.method not in ("grpo", "sft"):
-        # under --dtype bfloat16 the frozen copy's linear weights are bf16: bit for bit the same teacher under
-        # autocast, 2 bytes per weight instead of 4 (teacher.py choice 8)
-        teacher_model = teacherlib.make_teacher(student, mode=cfg.teacher,
-                                                linear_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None)
-        if resume_state is not None and cfg.teacher == "ema":
-            teacherlib.load_ema_state(teacher_model, resume_state["ema_teacher"])
-    if resume_state is not None and cfg.lora_r:
-        try:
-            lora.load_adapter(student, os.path.join(ckpt_dir, "adapter"))  # the base weights never change
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"train.py: --lora_r {cfg.lora_r} --resume: {e}") from e
-    elif resume_state is not None:
-        import glob
-
-        from safetensors.torch import load_file
-
-        sd = {}
-        for f in sorted(glob.glob(os.path.join(ckpt_dir, "model", "*.safetensors"))):
-            sd.update(load_file(f))
-        missing, _ = student.load_state_dict(sd, strict=False)
-        if [k for k in missing if k != "lm_head.weight"]:  # a tied lm_head is not stored separately
-            raise SystemExit(f"train.py: checkpoint {ckpt_dir} lacks weights: {missing[:5]}")
-        if getattr(student.config, "tie_word_embeddings", False):
-            student.tie_weights()
-    student.train()
-    return student, tok, teacher_model
-
-
-def add_lora(cfg, student):
-    """The student wrapped in a LoRA adapter (lora.py): the base weights frozen, A and B trained."""
-    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-    try:
-        student = lora.add_lora(student, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets)
-    except (ImportError, ValueError) as e:
-        raise SystemExit(f"train.py: --lora_r {cfg.lora_r}: {e}") from e
-    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in student.parameters())
-    if plumbing.is_rank0():
-        print(f"LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha:g} on {','.join(targets)}: "
-              f"{n_train:,} of {n_all:,} parameters trained ({100 * n_train / n_all:.2f}%)")
-    return student
 
 
 # -----------------------------------------------------------------------------------------------
@@ -804,19 +524,6 @@ def student_confidence(s_out, responses, mask, temperature, lm_head_weight=None,
     return {"student/nll": nll, "student/confidence": top1}
 
 
-def chunks(xs, n):
-    return [xs[i: i + n] for i in range(0, len(xs), n)]
-
-
-def micro_batches(batch, size, group_by_length):
-    """The batch split into forward/backward passes of at most `size` sequences. A pass pads every row to its
-    longest prompt plus its longest response (teacher.response_forward), so grouping similar lengths cuts the
-    padding's compute; one pass (len(batch) <= size) is left in the batch's own order."""
-    if group_by_length and len(batch) > size:
-        batch = sorted(batch, key=lambda b: (len(b["response"]), len(b["student_prompt"])))
-    return chunks(batch, size)
-
-
 # -----------------------------------------------------------------------------------------------
 # Step 4. Update: gradient of the global-batch token mean, clip, non-finite guard, one optimizer step.
 
@@ -834,7 +541,7 @@ def train_on_batch(run, batch, alpha, step):
     n_global = plumbing.all_reduce_sum({"n": n_local}, run.device, run.ddp)["n"]
     run.opt.zero_grad(set_to_none=True)
     sums = {}
-    mbs = micro_batches(batch, cfg.micro_batch, cfg.group_by_length)
+    mbs = plumbing.micro_batches(batch, cfg.micro_batch, cfg.group_by_length)
     for i, mb in enumerate(mbs):
         # DDP all-reduces gradients on the last backward only
         sync = (not run.ddp) or cfg.fsdp or i == len(mbs) - 1
@@ -880,42 +587,15 @@ def sync_weights(run, finite):
 
 
 # -----------------------------------------------------------------------------------------------
-# Step 6. Metrics (all-reduced token sums -> global token means) and the exposure controller.
-
-
-def step_metrics(run, batch, rewards, sums, n_local, alpha):
-    """The step's record: loss metrics as token means over the global batch, rollout statistics, and
-    for ATESD the teacher's log-prob of the reference answer (the controller's guard signal)."""
-    alp = 0.0
-    if run.cfg.exposure == "atesd" and run.teacher_model is not None:
-        alp = teacher_answer_logprob(run, batch, alpha)
-    n_resp = float(sum(len(b["response"]) for b in batch))  # n_local: the loss's tokens, fewer under --distill_mask_answer
-    glob = plumbing.all_reduce_sum({**sums, "n_tok": n_local, "n_resp": n_resp, "n_seq": float(len(batch)),
-                                    "answer_logprob": alp, "correct": float(sum(rewards)),
-                                    "n_rollouts": float(len(rewards)),
-                                    "truncated": float(sum(b.get("truncated", False) for b in batch))},
-                                   run.device, run.ddp)
-    rec = {}
-    for k, v in glob.items():
-        if "/" in k:
-            rec[k] = v / max(glob["n_tok"], 1.0)  # token-weighted means
-    if run.cfg.exposure == "atesd" and run.teacher_model is not None:
-        rec["teacher/answer_logprob"] = glob["answer_logprob"] / max(glob["n_seq"], 1.0)
-    rec.update({
-        "rollout/accuracy": glob["correct"] / max(glob["n_rollouts"], 1.0) if glob["n_rollouts"] else None,
-        "rollout/truncated": glob["truncated"] / max(glob["n_seq"], 1.0),
-        "rollout/response_len": glob["n_resp"] / max(glob["n_seq"], 1.0),
-    })
-    if run.cfg.distill_mask_answer:
-        rec["loss/token_share"] = glob["n_tok"] / max(glob["n_resp"], 1.0)  # response tokens the loss covers
-    return rec, glob["n_resp"]
+# Step 6. The exposure controller: the teacher's guard signal, and the step's record (plumbing.step_record:
+# all-reduced token sums -> global token means).
 
 
 @torch.no_grad()
 def teacher_answer_logprob(run, batch, alpha):
     """Sum over sequences of the teacher's mean log-prob of the reference answer (ATESD's guard signal)."""
     total = 0.0
-    for mb in chunks(batch, run.cfg.micro_batch):
+    for mb in plumbing.chunks(batch, run.cfg.micro_batch):
         with run.autocast():
             # the guard prompt withholds the answer: with it shown, the teacher just copies it and g is
             # flat in alpha; without it, g measures how strongly the revealed steps lead to the answer
@@ -942,8 +622,8 @@ def observe_controller(run, step, rec):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    check_config(cfg)
-    run = setup(cfg)
+    plumbing.check_config(cfg)
+    run = Run(**plumbing.setup(cfg))
     log = plumbing.open_log(run)
     from tqdm import tqdm
 
@@ -971,7 +651,9 @@ def main(argv=None):
         sync_weights(run, finite)
 
         t0 = time.time()
-        rec, n_tok = step_metrics(run, batch, rewards, sums, n_local, alpha)
+        guard = cfg.exposure == "atesd" and run.teacher_model is not None  # the controller's guard signal g
+        alp = teacher_answer_logprob(run, batch, alpha) if guard else None
+        rec, n_tok = plumbing.step_record(run, batch, rewards, sums, n_local, alp)
         observe_controller(run, step, rec)
         timings["controller"] = time.time() - t0
 

@@ -193,7 +193,7 @@ def load_model_config(cfg, path=None):
 
 @dataclasses.dataclass
 class Setup:
-    """A train.py configuration resolved as train.setup() resolves it on the given device."""
+    """A train.py configuration resolved as plumbing.setup() resolves it on the given device."""
     cfg: object
     shape: Shape
     world: int
@@ -209,9 +209,8 @@ def resolve(cfg, device):
     import torch
 
     import plumbing
-    import train
 
-    train.check_config(cfg)
+    plumbing.check_config(cfg)
     dev = torch.device(device)
     if cfg.dtype == "auto":
         cfg.dtype = "bfloat16" if device == "cuda" else "float32"
@@ -227,7 +226,6 @@ def predict(s, earlier=False):
     import copy
 
     import plumbing
-    import train
 
     cfg, sh, world = copy.deepcopy(s.cfg), s.shape, s.world
     dev = resolve(cfg, s.device)
@@ -619,7 +617,7 @@ def proc_kb(field):
 
 
 def build_run(cfg, model_cfg):
-    """student, teacher and optimizer as train.setup() builds them (no checkpoint, one process), around a model
+    """student, teacher and optimizer as plumbing.setup() builds them (no checkpoint, one process), around a model
     made from model_cfg with random weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -633,7 +631,7 @@ def build_run(cfg, model_cfg):
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
     if cfg.lora_r:
-        student = train.add_lora(cfg, student)
+        student = plumbing.add_lora(cfg, student)
     teacher = None
     if cfg.method not in ("grpo", "sft"):
         teacher = teacherlib.make_teacher(student, mode=cfg.teacher,

@@ -9,6 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import entropy_climb  # noqa: E402
+import plumbing  # noqa: E402
 import train  # noqa: E402
 
 
@@ -16,7 +17,7 @@ def test_each_run_is_a_valid_config_changing_one_ingredient():
     cfgs = {}
     for name, (_, flags) in entropy_climb.RUNS.items():
         cfg = train.parse_config([*entropy_climb.BASE, *flags, "--out_dir", "x"])
-        train.check_config(cfg)
+        plumbing.check_config(cfg)
         cfgs[name] = cfg
     ref = cfgs["opsd_fkl_lr1e-5"]
     changed = {name: [k for k in ("method", "exposure", "alpha", "beta", "lr") if getattr(c, k) != getattr(ref, k)]

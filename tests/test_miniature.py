@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import miniature  # noqa: E402
+import plumbing  # noqa: E402
 import train  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def test_every_method_command_is_valid_train_config(tmp_path, method):
     cmd = miniature.train_cmd(args, method, 1, 3e-5, "d.jsonl", str(tmp_path / "run"))
     assert cmd[1] == "train.py" and "--resume" not in cmd
     cfg = train.parse_config(cmd[2:])
-    train.check_config(cfg)  # raises SystemExit on a bad combination
+    plumbing.check_config(cfg)  # raises SystemExit on a bad combination
     # the shared budget is what the flags say, for every method alike
     assert (cfg.steps, cfg.prompts_per_step, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.lr, cfg.seed) == \
         (args.steps, args.prompts_per_step, args.samples_per_prompt, args.max_new_tokens, 3e-5, 1)
@@ -55,7 +56,7 @@ def test_distill_args_reach_the_methods_with_a_teacher_only(tmp_path, method):
     args = args_for(tmp_path, "--model", "reader", "--fixed_alpha", "0.25",
                     "--distill_args", "--distill_mask_answer true --clip none")
     cfg = train.parse_config(miniature.train_cmd(args, method, 0, 1e-5, "d.jsonl", str(tmp_path / "run"))[2:])
-    train.check_config(cfg)
+    plumbing.check_config(cfg)
     has_teacher = method not in ("sft", "grpo")
     assert (cfg.distill_mask_answer, cfg.clip == 0 or cfg.clip is None) == (has_teacher, has_teacher)
     assert cfg.model == miniature.demo.warm_start_dir(miniature.demo.warm_start_recipe(args.dtype, "reader"))

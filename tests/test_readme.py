@@ -1,4 +1,5 @@
-"""README.md and docs/: the equation table names code that exists, and every relative link points at a file."""
+"""README.md and docs/: the equation table names code that exists, every relative link points at a file, and the
+reader's files stay within one sitting (line budgets)."""
 
 import ast
 import os
@@ -53,3 +54,20 @@ def test_relative_links_resolve():
 
 def test_readme_fits_one_sitting():
     assert len(read("README.md").splitlines()) <= 300
+
+
+READER_FILES = ["README.md", "entropy.py", "losses.py", "teacher.py", "exposure.py", "train.py"]
+CONCEPT_FILES = ["entropy.py", "teacher.py", "losses.py", "exposure.py", "rollout.py", "train.py", "evaluate.py"]
+
+
+def test_the_readers_files_fit_one_sitting():
+    # what a paper reader opens: the README and the files that hold the methods, at most 2,200 lines together
+    n = {f: len(read(f).splitlines()) for f in READER_FILES}
+    assert sum(n.values()) <= 2200, n
+
+
+def test_no_concept_file_function_is_longer_than_80_lines():
+    long = [f"{f}:{node.name} ({node.end_lineno - node.lineno + 1} lines)" for f in CONCEPT_FILES
+            for node in ast.walk(ast.parse(read(f))) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > 80]
+    assert not long, long

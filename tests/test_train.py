@@ -389,7 +389,7 @@ def test_chunk_size_auto_chunks_the_distillation_and_sft_losses_on_a_cpu_only():
     # a resumed run keeps the path it started with
     assert pick("--method", "dasd", resume={"config": {"chunk_size": 0}}) == 0
     with pytest.raises(SystemExit, match="--chunk_size -2"):
-        train.check_config(train.parse_config(["--chunk_size", "-2"]))
+        plumbing.check_config(train.parse_config(["--chunk_size", "-2"]))
 
 
 def test_attn_auto_is_eager_on_a_cpu_and_a_resume_keeps_the_runs_kernel():
@@ -402,7 +402,7 @@ def test_attn_auto_is_eager_on_a_cpu_and_a_resume_keeps_the_runs_kernel():
     assert pick(resume={"config": {"attn": "sdpa"}}) == "sdpa"
     assert pick(resume={"config": {}}) == "sdpa"  # a checkpoint from before the flag ran transformers' default
     with pytest.raises(SystemExit, match="--attn 'flash'"):
-        train.check_config(train.parse_config(["--attn", "flash"]))
+        plumbing.check_config(train.parse_config(["--attn", "flash"]))
 
 
 def test_chunk_size_auto_on_a_gpu_chunks_large_vocabularies():
@@ -444,7 +444,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(attn, use_lora
     import losses
     import lora
     import teacher as teacherlib
-    import train
 
     student = tiny_qwen3(attn)
     if use_lora:
@@ -482,7 +481,6 @@ def test_generate_under_gradient_checkpointing_samples_the_same_tokens():
     from types import SimpleNamespace
 
     import rollout
-    import train
 
     tok = SimpleNamespace(eos_token_id=2, pad_token_id=0, get_vocab=lambda: {})
     prompts = [[1, 5, 9, 11, 3], [1, 7], [1, 20, 21, 22, 23, 24, 25, 8]]
@@ -514,13 +512,13 @@ def test_resume_refuses_a_flag_that_changes_the_trained_network(tmp_path):
     import train
 
     first = train.parse_config(["--lora_r", "16", "--method", "opsd"])
-    train.check_config(first)  # what the checkpoint's config.json records (lora_alpha resolved to 2r)
+    plumbing.check_config(first)  # what the checkpoint's config.json records (lora_alpha resolved to 2r)
     saved = dataclasses.asdict(first)
     same = train.parse_config(["--lora_r", "16", "--method", "opsd", "--steps", "9"])  # a longer run: fine
-    train.check_config(same)
+    plumbing.check_config(same)
     plumbing.check_resume_config(same, saved, str(tmp_path))
     other = train.parse_config(["--lora_r", "8", "--method", "dasd"])
-    train.check_config(other)
+    plumbing.check_config(other)
     with pytest.raises(SystemExit) as e:
         plumbing.check_resume_config(other, saved, str(tmp_path))
     msg = str(e.value)
@@ -541,8 +539,8 @@ def test_micro_batches_group_by_length_partition_the_batch_and_pad_less():
         return sum(len(mb) * (max(len(b["student_prompt"]) for b in mb) + max(len(b["response"]) for b in mb))
                    for mb in mbs)
 
-    plain = train.micro_batches(batch, 8, group_by_length=False)
-    grouped = train.micro_batches(batch, 8, group_by_length=True)
+    plain = plumbing.micro_batches(batch, 8, group_by_length=False)
+    grouped = plumbing.micro_batches(batch, 8, group_by_length=True)
     assert [len(mb) for mb in grouped] == [len(mb) for mb in plain] == [8, 8, 5]
     assert [b["id"] for mb in plain for b in mb] == list(range(21))  # off: the batch's own order
     assert sorted(b["id"] for mb in grouped for b in mb) == list(range(21))  # every sequence exactly once
@@ -550,7 +548,7 @@ def test_micro_batches_group_by_length_partition_the_batch_and_pad_less():
     assert lens == sorted(lens)
     assert padded(grouped) < padded(plain)
     # one pass: the order is kept whatever the flag
-    assert train.micro_batches(batch[:8], 8, group_by_length=True) == [batch[:8]]
+    assert plumbing.micro_batches(batch[:8], 8, group_by_length=True) == [batch[:8]]
 
 
 def test_student_confidence_from_hidden_states_equals_a_per_token_loop():
@@ -637,7 +635,7 @@ def test_sleeping_vllm_engine_is_woken_synced_then_sampled(tmp_path, embedded_di
         engines.append(RecordingEngine(model, tokenizer))
         return engines[-1]
 
-    monkeypatch.setattr(train.rollout, "make_rollout", make)
+    monkeypatch.setattr(plumbing.rollout, "make_rollout", make)
     args = ["--method", "opsd", "--exposure", "full", "--rollout", "vllm", "--vllm_sleep", "true", "--dtype",
             "float32", "--prompts_per_step", "2", "--max_new_tokens", "8", "--micro_batch", "2", "--lr", "1e-4",
             "--save_every", "2", "--out_dir", str(tmp_path)]
@@ -684,9 +682,9 @@ def test_rollout_context_is_the_longest_student_prompt_plus_max_new_tokens(embed
     rows.append({"problem": "Compute " + " + ".join(str(i) for i in range(120)) + ".", "solution": "s", "answer": "1"})
     cfg = train.parse_config(["--max_new_tokens", "100"])
     brute = max(len(teacher.student_prompt_ids(tok, r["problem"])) for r in rows)  # every prompt rendered
-    assert train.rollout_context(cfg, rows, tok, SimpleNamespace(max_position_embeddings=8192)) == brute + 100
+    assert plumbing.rollout_context(cfg, rows, tok, SimpleNamespace(max_position_embeddings=8192)) == brute + 100
     with pytest.raises(SystemExit, match=r"row 500: its student prompt \(\d+ tokens\) plus --max_new_tokens 100"):
-        train.rollout_context(cfg, rows, tok, SimpleNamespace(max_position_embeddings=brute + 99))
+        plumbing.rollout_context(cfg, rows, tok, SimpleNamespace(max_position_embeddings=brute + 99))
 
 
 @pytest.mark.parametrize("chunk_size", [0, 4])
@@ -755,4 +753,4 @@ def test_reader_rows_come_from_the_training_split_only(embedded_dir):
             assert b["response"][:-1] == tok(r["solution"], add_special_tokens=False)["input_ids"][:127]
     assert 16 <= n_teacher <= 48  # about half of 64 rows
     with pytest.raises(SystemExit, match="sft_reader_share"):
-        train.check_config(train.parse_config(["--method", "opsd", "--sft_reader_share", "0.5"]))
+        plumbing.check_config(train.parse_config(["--method", "opsd", "--sft_reader_share", "0.5"]))
