@@ -162,7 +162,7 @@ class Config:
     logits (chunked_loss.py); 0 = the plain loss; -1 (auto, without --fsdp) = 256 on a CPU (faster there), 512 on a
     GPU for vocabularies of 64k+ entries (memory), 0 elsewhere (docs/choices.md, choice 16). A resume keeps it."""
 
-    # --- exposure controller (ATESD; see exposure.py for the defaults' reasons)
+    # --- exposure controller (ATESD; defaults in exposure.py, their reasons in docs/choices.md, choice 6)
     hold: typing.Optional[int] = None
     """ATESD: student updates each sampled alpha is held for (None = exposure.py default)."""
     lookahead: typing.Optional[int] = None
