@@ -101,7 +101,7 @@ def box_chain(folder):
 def curves(out):
     """{name: {"steps": [...], "avg": [...], "diff": [...], "lo": [...], "hi": [...], "box_chain": [...],
     "cut_loose": [...], "train": metrics}} from every run in `out`, the start point as step 0 (its box/chain
-    consistency from start_samples.jsonl when the run kept a copy)."""
+    consistency from start/samples.jsonl when the run kept a copy)."""
     result = {}
     for folder in sorted(glob.glob(os.path.join(out, "*", "start_report.json"))):
         folder = os.path.dirname(folder)
