@@ -15,6 +15,7 @@ show; --model embedded starts from SmolLM2-135M-Instruct itself, which scores ~0
     dasd_adv    DASD, token-advantage form
     atesd       OPSD loss with the learned Beta-policy exposure controller
     dasd_atesd  DASD (KL form) with the learned exposure
+    opsd_random OPSD with alpha drawn uniformly and held as long as ATESD holds its own: ATESD without the policy
 
 The learning rate is chosen once, for OPSD, on a validation slice held out of the training data
 (never the test split), and reused by every method; then, with that learning rate, the fixed exposure
@@ -85,6 +86,7 @@ METHODS = {
     "dasd_adv": ["--method", "dasd_adv", "--exposure", "full"],
     "atesd": ["--method", "opsd", "--exposure", "atesd"],
     "dasd_atesd": ["--method", "dasd", "--exposure", "atesd"],
+    "opsd_random": ["--method", "opsd", "--exposure", "random"],  # ATESD's ablation: same hold, no policy
 }
 ORDER = ["base"] + list(METHODS)
 WARM_STARTS = {"warmstart": "format", "reader": "reader"}  # --model -> demo.warm_start_recipe's kind
@@ -97,6 +99,9 @@ CURVES = ("loss/total", "entropy/student", "entropy/teacher", "kl/teacher_studen
           "rollout/response_len")
 # each method's Avg@k is compared, problem by problem, with these (mean over seeds per problem)
 PAIRED_AGAINST = ("base", "opsd")
+# further paired differences, (a, b) read as "a minus b", printed under the table: what the learned exposure adds
+# over its random ablation, and what each half of DASD + ATESD adds to the other
+CONTRASTS = (("atesd", "opsd_random"), ("dasd_atesd", "atesd"), ("dasd_atesd", "dasd"))
 HEALTH = ("length", "truncation_rate", "no_box_rate", "no_answer_rate", "entropy", "revisions_per_1k_tokens",
           "rep4")
 
@@ -127,7 +132,7 @@ def build_parser():
                         "embedded solutions have at most 3 steps, so 0.75 reveals what 1.0 (= opsd) reveals")
     g.add_argument("--atesd", nargs=3, type=int, default=[1, 2, 2], metavar=("HOLD", "LOOKAHEAD", "BATCH"),
                    help="controller hold / lookahead / batch_decisions, scaled down so that a short run "
-                        "completes a few REINFORCE updates")
+                        "completes a few REINFORCE updates; opsd_random holds its draws for HOLD steps too")
     g.add_argument("--distill_args", default="",
                    help="train.py flags added to every method with a teacher (all but sft and grpo), e.g. "
                         "'--distill_mask_answer true --clip none' (results/miniature_leak)")
@@ -244,6 +249,8 @@ def train_cmd(args, method, seed, lr, train_data, out_dir, alpha=None):
     if "atesd" in METHODS[method]:
         hold, lookahead, batch = args.atesd
         cmd += ["--hold", str(hold), "--lookahead", str(lookahead), "--batch_decisions", str(batch)]
+    if "random" in METHODS[method]:
+        cmd += ["--hold", str(args.atesd[0])]  # one draw per ATESD decision
     if os.path.isdir(os.path.join(out_dir, "ckpt")):
         cmd.append("--resume")
     return cmd
@@ -431,6 +438,9 @@ def summarize(args):
             else:
                 ref_rows = summary["methods"][ref]["per_problem"]
             entry["paired"][ref] = runner.paired(ref_rows, entry["per_problem"])
+    summary["contrasts"] = {f"{a} - {b}": runner.paired(summary["methods"][b]["per_problem"],
+                                                         summary["methods"][a]["per_problem"])
+                            for a, b in CONTRASTS if a in summary["methods"] and b in summary["methods"]}
     return summary
 
 
@@ -505,6 +515,9 @@ def table(summary, k):
             fmt(mu["no_answer_rate"], sd["no_answer_rate"], 100), fmt(mu["entropy"], sd["entropy"], digits=2),
             fmt(mu["revisions_per_1k_tokens"], sd["revisions_per_1k_tokens"], digits=2),
             fmt(mu["rep4"], sd["rep4"], digits=3)]) + " |")
+    if summary.get("contrasts"):
+        lines.append("\nPaired differences over problems [95% CI]: " + "; ".join(
+            f"{name}: {fmt_paired(p)}" for name, p in summary["contrasts"].items()) + ".")
     builds = {}
     for m, e in summary["methods"].items():
         for seed, b in zip(e["seeds"], e.get("start_builds", [None] * len(e["seeds"]))):

@@ -40,7 +40,8 @@ def test_every_method_command_is_valid_train_config(tmp_path, method):
         (args.steps, args.prompts_per_step, args.samples_per_prompt, args.max_new_tokens, 3e-5, 1)
     expected = {"sft": ("sft", "full"), "grpo": ("grpo", "full"), "opsd": ("opsd", "full"),
                 "opsd_fixed": ("opsd", "fixed"), "dasd": ("dasd", "full"), "dasd_adv": ("dasd_adv", "full"),
-                "atesd": ("opsd", "atesd"), "dasd_atesd": ("dasd", "atesd")}[method]
+                "atesd": ("opsd", "atesd"), "dasd_atesd": ("dasd", "atesd"),
+                "opsd_random": ("opsd", "random")}[method]
     assert (cfg.method, cfg.exposure) == expected
     # every run starts from the same model in the same dtype: the cached warm start unless --model says otherwise
     assert (cfg.model, cfg.dtype, cfg.micro_batch) == (
@@ -49,6 +50,8 @@ def test_every_method_command_is_valid_train_config(tmp_path, method):
         assert cfg.alpha == 0.25
     if cfg.exposure == "atesd":
         assert [cfg.hold, cfg.lookahead, cfg.batch_decisions] == args.atesd
+    if cfg.exposure == "random":  # the ablation draws as often as the controller decides
+        assert cfg.hold == args.atesd[0]
 
 
 @pytest.mark.parametrize("method", list(miniature.METHODS))
@@ -197,6 +200,32 @@ def test_paired_comparisons_average_seeds_per_problem(tmp_path):
     table = open(os.path.join(args.out, "table.md")).read()
     line = next(x for x in table.splitlines() if x.startswith("| grpo |"))
     assert f"{p['base']['diff']:+.1f} [{p['base']['ci95'][0]:+.1f}, {p['base']['ci95'][1]:+.1f}]" in line
+    assert summary["contrasts"] == {}  # none of the contrasted pairs ran
+
+
+def test_contrasts_are_first_minus_second_paired_over_problems(tmp_path):
+    """atesd - opsd_random and the others under the table: per-problem means over seeds, then the bootstrap."""
+    import numpy as np
+
+    import evaluate
+
+    args = args_for(tmp_path, "--k", "2")
+    runs = os.path.join(args.out, "runs")
+    rows = {("atesd", 0): [1.0, 0.5, 0.5, 0.0, 1.0], ("atesd", 1): [0.5, 0.5, 1.0, 0.0, 1.0],
+            ("opsd_random", 0): [0.5, 0.5, 0.0, 0.0, 1.0], ("dasd", 0): [0.0, 0.0, 0.5, 0.5, 0.0]}
+    for (m, seed), acc in rows.items():
+        fake_report(os.path.join(runs, m, f"seed{seed}", "eval", "report.json"), 0.0, 0.0, 0.0, 50, per_problem=acc)
+    os.makedirs(args.out, exist_ok=True)
+    summary = miniature.write_report(args)
+    assert list(summary["contrasts"]) == ["atesd - opsd_random"]  # dasd_atesd did not run
+    c = summary["contrasts"]["atesd - opsd_random"]
+    atesd = np.mean([rows["atesd", 0], rows["atesd", 1]], axis=0)
+    rand = np.array(rows["opsd_random", 0])
+    assert c["diff"] == pytest.approx(100 * (atesd - rand).mean()) and c["diff"] == pytest.approx(20.0)
+    _, (lo, hi) = evaluate.paired_bootstrap(list(rand), list(atesd))
+    assert c["ci95"] == pytest.approx([100 * lo, 100 * hi]) and c["n_problems"] == 5
+    table = open(os.path.join(args.out, "table.md")).read()
+    assert f"atesd - opsd_random: {c['diff']:+.1f} [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]" in table
 
 
 def test_start_build_fingerprint_is_recorded_and_a_mixed_table_says_so(tmp_path):
