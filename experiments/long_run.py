@@ -10,7 +10,7 @@ resume is bit-exact, so the segments train exactly what one uninterrupted run wo
     python experiments/long_run.py --name opsd --warm_start reader --train_args "--method opsd --exposure full"
     python experiments/long_run.py --name opsd_mask --warm_start reader \\
         --train_args "--method opsd --exposure full --distill_mask_answer true"
-    python experiments/long_run.py --report results/long_runs      # curves.png and curves.json from the runs there
+    python experiments/long_run.py --report --out results/long_runs    # curves.png and curves.json from the runs there
 
 Layout: <out>/<name>/train/ (metrics.jsonl, train.log, ckpt/ while training), <out>/<name>/eval_step<s>/report.json
 (the model after s steps; the start point is step 0, cached with the warm start). An interrupted run resumes:
@@ -123,8 +123,26 @@ def curves(out):
             with open(metrics) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
             c["train"] = {k: [r.get(k) for r in rows] for k in ("step", "entropy/student", "exposure/alpha_used")}
+        if os.path.exists(os.path.join(folder, "settings.json")):
+            with open(os.path.join(folder, "settings.json")) as f:
+                c["settings"] = json.load(f)
         result[os.path.basename(folder)] = c
     return result
+
+
+def is_prefix(a, b):
+    """Run a's curve is the start of run b's (the same evaluations, equal to the bit, and b goes further)."""
+    n = len(a["steps"])
+    return len(b["steps"]) > n and all(a[k] == b[k][:n] for k in ("steps", "diff", "lo", "hi"))
+
+
+def style(settings):
+    """One colour per method, dashed where the answer span is masked: (key of the colour, line style)."""
+    args = settings.get("train_args", "").split()
+    masked = any(a == "--distill_mask_answer" and b == "true" for a, b in zip(args, args[1:]))
+    method = " ".join(args[args.index("--method") + 1:args.index("--method") + 2]) if "--method" in args else "?"
+    exposure = args[args.index("--exposure") + 1] if "--exposure" in args else "atesd"  # train.py's default
+    return f"{method} {exposure}", "--" if masked else "-"
 
 
 def report(out):
@@ -136,25 +154,34 @@ def report(out):
     cs = curves(out)
     with open(os.path.join(out, "curves.json"), "w") as f:
         json.dump(cs, f, indent=1)
-    fig, (ax, ax3, ax2) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for i, (name, c) in enumerate(cs.items()):
-        ax.plot(c["steps"], c["diff"], marker="o", color=f"C{i}", label=name)
-        ax.fill_between(c["steps"], c["lo"], c["hi"], color=f"C{i}", alpha=0.15)
-        if "train" in c:
-            ax2.plot(c["train"]["step"], c["train"]["entropy/student"], color=f"C{i}", label=name)
-        pts = [(s, 100 * v) for s, v in zip(c["steps"], c["box_chain"]) if v is not None]
-        if pts:
-            ax3.plot(*zip(*pts), marker="o", color=f"C{i}", label=name)
+    fig, (ax, ax3, ax2, ax4) = plt.subplots(1, 4, figsize=(20, 4.2))
+    colours = {}
+    for name, c in cs.items():
         print(f"{name}: " + ", ".join(f"step {s} {d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
                                       for s, d, lo, hi in zip(c["steps"][1:], c["diff"][1:], c["lo"][1:], c["hi"][1:])))
+        longer = [other for other, d in cs.items() if is_prefix(c, d)]
+        if longer:  # drawn as part of the longer run
+            print(f"  (the first {c['steps'][-1]} steps of {longer[0]}, to the bit: not drawn)")
+            continue
+        key, ls = style(c.get("settings", {}))
+        kw = {"color": colours.setdefault(key, f"C{len(colours)}"), "linestyle": ls, "label": name}
+        ax.plot(c["steps"], c["diff"], marker="o", **kw)
+        ax.fill_between(c["steps"], c["lo"], c["hi"], color=kw["color"], alpha=0.12)
+        if "train" in c:
+            ax2.plot(c["train"]["step"], c["train"]["entropy/student"], **kw)
+            ax4.plot(c["train"]["step"], c["train"]["exposure/alpha_used"], **kw)
+        pts = [(s, 100 * v) for s, v in zip(c["steps"], c["box_chain"]) if v is not None]
+        if pts:
+            ax3.plot(*zip(*pts), marker="o", **kw)
     ax.axhline(0, color="k", lw=0.8)
     ax.set(xlabel="training step", ylabel="Avg@k minus the start (points), 95% CI", title="accuracy along the run")
     ax2.set(xlabel="training step", ylabel="student entropy (nats/token)", title="student entropy")
     ax3.set(xlabel="training step", ylabel="% of boxes = the chain's last number", title="box/chain consistency")
+    ax4.set(xlabel="training step", ylabel="alpha (share of the reference shown)", title="teacher exposure", ylim=(0, 1.05))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=120)
-    print(f"wrote {out}/curves.png, curves.json")
+    print(f"wrote {out}/curves.png, curves.json (dashed: answer span masked)")
 
 
 def main(argv=None):

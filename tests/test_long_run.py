@@ -45,3 +45,15 @@ def test_curves_pair_every_evaluation_with_the_start(tmp_path):
 def test_steps_must_be_a_multiple_of_the_evaluation_period():
     with pytest.raises(SystemExit):
         long_run.main(["--name", "x", "--steps", "40", "--every", "6"])
+
+
+def test_a_curve_contained_in_a_longer_run_is_recognized_and_styles_follow_the_settings():
+    short = {"steps": [0, 8], "diff": [0.0, -3.5], "lo": [0.0, -6.0], "hi": [0.0, -1.0]}
+    longer = {"steps": [0, 8, 16], "diff": [0.0, -3.5, -7.9], "lo": [0.0, -6.0, -11.5], "hi": [0.0, -1.0, -4.2]}
+    assert long_run.is_prefix(short, longer) and not long_run.is_prefix(longer, short)
+    assert not long_run.is_prefix(short, dict(longer, diff=[0.0, -3.25, -7.9]))  # another run that starts alike
+    assert not long_run.is_prefix(short, short)
+    masked = {"train_args": "--lr 1e-5 --method dasd --distill_mask_answer true"}
+    assert long_run.style(masked) == ("dasd atesd", "--")  # train.py's default exposure is the controller
+    assert long_run.style({"train_args": "--method opsd --exposure full --distill_mask_answer false"}) == \
+        ("opsd full", "-")
