@@ -69,16 +69,20 @@ def box_follows_chain(text):
 
 def consistency(samples):
     """Over samples (evaluate.py samples.jsonl lines): how many have a box after a chain with a number, how many of
-    those agree, and how many end their chain at the correct answer while the box holds something else."""
-    n = agree = cut_loose = 0
+    those agree, how many end their chain at the correct answer whatever the box holds (the accuracy a box that
+    followed its chain would have), and how many of those box something else."""
+    n = agree = chain_right = cut_loose = 0
     for s in samples:
         r = box_follows_chain(s["response"])
         if r is None:
             continue
         n += 1
         agree += r[2]
-        cut_loose += (not r[2]) and str(r[1]) == str(s["gold"]).strip()
-    return {"with_box_and_chain": n, "box_equals_chain": agree, "chain_right_box_not": cut_loose}
+        right = str(r[1]) == str(s["gold"]).strip()
+        chain_right += right
+        cut_loose += (not r[2]) and right
+    return {"with_box_and_chain": n, "box_equals_chain": agree, "chain_right": chain_right,
+            "chain_right_box_not": cut_loose}
 
 
 def token_kl(m, tok, row, response, alpha, *, show_answer=True):
@@ -207,8 +211,8 @@ def main(argv=None):
             for label in dict.fromkeys(s["model"] for s in lines):
                 c = consistency([s for s in lines if s["model"] == label])
                 print(f"{path} [{label}]: box = chain's last number in {c['box_equals_chain']}/"
-                      f"{c['with_box_and_chain']}; chain ends at the gold answer, box elsewhere: "
-                      f"{c['chain_right_box_not']}")
+                      f"{c['with_box_and_chain']}; chain ends at the gold answer: {c['chain_right']}, "
+                      f"with something else boxed: {c['chain_right_box_not']}")
         return
     m, tok = modellib.load(args.model, dtype=torch.float32)
     m.eval()
@@ -253,7 +257,7 @@ def main(argv=None):
                        "teacher_accuracy": reads},
                       f, indent=2)
     print(f"  box = the chain's last number in {c['box_equals_chain']}/{c['with_box_and_chain']} samples; chain ends at "
-          f"the gold answer while the box holds something else: {c['chain_right_box_not']}")
+          f"the gold answer: {c['chain_right']}, with something else boxed: {c['chain_right_box_not']}")
 
 
 if __name__ == "__main__":

@@ -89,18 +89,19 @@ def run(args):
 
 def box_chain(folder):
     """(share of boxed answers equal to their chain's last number, count of chains that end at the gold answer with
-    another number boxed) of the samples.jsonl in an evaluation folder; (None, None) without one."""
+    another number boxed, count of chains that end at the gold answer) of the samples.jsonl in an evaluation folder;
+    Nones without one."""
     path = os.path.join(folder, "samples.jsonl")
     if not os.path.exists(path):
-        return None, None
+        return None, None, None
     with open(path) as f:
         c = consistency([json.loads(line) for line in f if line.strip()])
-    return c["box_equals_chain"] / max(c["with_box_and_chain"], 1), c["chain_right_box_not"]
+    return c["box_equals_chain"] / max(c["with_box_and_chain"], 1), c["chain_right_box_not"], c["chain_right"]
 
 
 def curves(out):
     """{name: {"steps": [...], "avg": [...], "diff": [...], "lo": [...], "hi": [...], "box_chain": [...],
-    "cut_loose": [...], "train": metrics}} from every run in `out`, the start point as step 0 (its box/chain
+    "cut_loose": [...], "chain_right": [...], "train": metrics, "settings": settings.json}} from every run in `out`, the start point as step 0 (its box/chain
     consistency from start/samples.jsonl when the run kept a copy)."""
     result = {}
     for folder in sorted(glob.glob(os.path.join(out, "*", "start_report.json"))):
@@ -108,15 +109,16 @@ def curves(out):
         with open(os.path.join(folder, "start_report.json")) as f:
             start_report = json.load(f)
         (start,) = start_report["results"].values()
-        share, loose = box_chain(os.path.join(folder, "start"))
+        share, loose, right = box_chain(os.path.join(folder, "start"))
         c = {"steps": [0], "avg": [start[BENCH]["avg_at_k"]], "diff": [0.0], "lo": [0.0], "hi": [0.0],
-             "box_chain": [share], "cut_loose": [loose]}
+             "box_chain": [share], "cut_loose": [loose], "chain_right": [right]}
         reports = glob.glob(os.path.join(folder, "eval_step*", "report.json"))
         for report in sorted(reports, key=lambda p: int(p.split("eval_step")[1].split(os.sep)[0])):
             avg, diff, (lo, hi) = point(start_report, report)
             c["steps"].append(int(report.split("eval_step")[1].split(os.sep)[0]))
-            share, loose = box_chain(os.path.dirname(report))
-            for key, v in zip(("avg", "diff", "lo", "hi", "box_chain", "cut_loose"), (avg, diff, lo, hi, share, loose)):
+            share, loose, right = box_chain(os.path.dirname(report))
+            for key, v in zip(("avg", "diff", "lo", "hi", "box_chain", "cut_loose", "chain_right"),
+                              (avg, diff, lo, hi, share, loose, right)):
                 c[key].append(v)
         metrics = os.path.join(folder, "train", "metrics.jsonl")
         if os.path.exists(metrics):

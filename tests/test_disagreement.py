@@ -23,7 +23,7 @@ def test_consistency_counts_a_right_chain_with_a_wrong_box():
                {"response": "4 + 3 = 7.\nAnswer: \\boxed{7}", "gold": "7"},
                {"response": "4 + 3 = 8.\nAnswer: \\boxed{8}", "gold": "7"},
                {"response": "I give up", "gold": "1"}]
-    assert disagreement.consistency(samples) == {"with_box_and_chain": 3, "box_equals_chain": 2,
+    assert disagreement.consistency(samples) == {"with_box_and_chain": 3, "box_equals_chain": 2, "chain_right": 2,
                                                  "chain_right_box_not": 1}
 
 
