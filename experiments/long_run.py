@@ -101,7 +101,8 @@ def box_chain(folder):
 
 def curves(out):
     """{name: {"steps": [...], "avg": [...], "diff": [...], "lo": [...], "hi": [...], "box_chain": [...],
-    "cut_loose": [...], "chain_right": [...], "train": metrics, "settings": settings.json}} from every run in `out`, the start point as step 0 (its box/chain
+    "cut_loose": [...], "chain_right": [...], "n_samples": problems x k, "train": metrics,
+    "settings": settings.json}} from every run in `out`, the start point as step 0 (its box/chain
     consistency from start/samples.jsonl when the run kept a copy)."""
     result = {}
     for folder in sorted(glob.glob(os.path.join(out, "*", "start_report.json"))):
@@ -111,7 +112,8 @@ def curves(out):
         (start,) = start_report["results"].values()
         share, loose, right = box_chain(os.path.join(folder, "start"))
         c = {"steps": [0], "avg": [start[BENCH]["avg_at_k"]], "diff": [0.0], "lo": [0.0], "hi": [0.0],
-             "box_chain": [share], "cut_loose": [loose], "chain_right": [right]}
+             "box_chain": [share], "cut_loose": [loose], "chain_right": [right],
+             "n_samples": start[BENCH]["n_problems"] * start[BENCH]["k"]}
         reports = glob.glob(os.path.join(folder, "eval_step*", "report.json"))
         for report in sorted(reports, key=lambda p: int(p.split("eval_step")[1].split(os.sep)[0])):
             avg, diff, (lo, hi) = point(start_report, report)
@@ -156,7 +158,8 @@ def report(out):
     cs = curves(out)
     with open(os.path.join(out, "curves.json"), "w") as f:
         json.dump(cs, f, indent=1)
-    fig, (ax, ax3, ax2, ax4) = plt.subplots(1, 4, figsize=(20, 4.2))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    (ax, ax5, ax3), (ax2, ax4, legend) = axes
     colours = {}
     for name, c in cs.items():
         print(f"{name}: " + ", ".join(f"step {s} {d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
@@ -175,15 +178,20 @@ def report(out):
         pts = [(s, 100 * v) for s, v in zip(c["steps"], c["box_chain"]) if v is not None]
         if pts:
             ax3.plot(*zip(*pts), marker="o", **kw)
+        pts = [(s, 100 * v / c["n_samples"]) for s, v in zip(c["steps"], c["chain_right"]) if v is not None]
+        if pts:
+            ax5.plot(*zip(*pts), marker="o", **kw)
     ax.axhline(0, color="k", lw=0.8)
     ax.set(xlabel="training step", ylabel="Avg@k minus the start (points), 95% CI", title="accuracy along the run")
     ax2.set(xlabel="training step", ylabel="student entropy (nats/token)", title="student entropy")
     ax3.set(xlabel="training step", ylabel="% of boxes = the chain's last number", title="box/chain consistency")
     ax4.set(xlabel="training step", ylabel="alpha (share of the reference shown)", title="teacher exposure", ylim=(0, 1.05))
-    ax.legend(fontsize=8)
+    ax5.set(xlabel="training step", ylabel="% of samples", title="the work: chains that end at the gold answer")
+    legend.axis("off")
+    legend.legend(*ax.get_legend_handles_labels(), loc="center", title="dashed: answer span masked")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=120)
-    print(f"wrote {out}/curves.png, curves.json (dashed: answer span masked)")
+    print(f"wrote {out}/curves.png, curves.json")
 
 
 def main(argv=None):

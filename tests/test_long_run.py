@@ -34,7 +34,7 @@ def test_curves_pair_every_evaluation_with_the_start(tmp_path):
     (run / "eval_step16" / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in samples))
     c = long_run.curves(str(tmp_path))["opsd"]
     assert c["box_chain"] == [None, None, 0.5] and c["cut_loose"] == [None, None, 1]
-    assert c["chain_right"] == [None, None, 2]
+    assert c["chain_right"] == [None, None, 2] and c["n_samples"] == 240
     assert c["steps"] == [0, 8, 16]
     for i, s in enumerate((8, 16), start=1):
         assert c["diff"][i] == pytest.approx(100 * (sum(later[s]) - sum(start)) / (4 * len(start)))
