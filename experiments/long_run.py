@@ -144,7 +144,7 @@ def style(settings):
     """One colour per method, dashed where the answer span is masked: (key of the colour, line style)."""
     args = settings.get("train_args", "").split()
     masked = any(a == "--distill_mask_answer" and b == "true" for a, b in zip(args, args[1:]))
-    method = " ".join(args[args.index("--method") + 1:args.index("--method") + 2]) if "--method" in args else "?"
+    method = args[args.index("--method") + 1] if "--method" in args else "?"
     exposure = args[args.index("--exposure") + 1] if "--exposure" in args else "atesd"  # train.py's default
     return f"{method} {exposure}", "--" if masked else "-"
 
