@@ -67,8 +67,8 @@ bench: $(STAMP)
 	$(PY) bench/rollout_speed.py
 	$(PY) bench/step_time.py
 
-# every method side by side under one budget, from the format warm start, 3 seeds (33 units of 7-27 min each on
-# 2 CPU cores, 4-15 h; resumable: run it again after an interruption). Results: results/miniature_testbed/
+# every method side by side under one budget, from the format warm start, 3 seeds (36 units of 7-27 min each on
+# 2 CPU cores, 4-16 h; resumable: run it again after an interruption). Results: results/miniature_testbed/
 # (see experiments/miniature.py)
 miniature: $(STAMP)
 	$(PY) experiments/miniature.py
