@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   # create .venv, train on the embedded default (CPU, 5-15 min), evaluate before/after
+#   make demo   # create .venv and the cached warm start once (~15 min), then train and evaluate (CPU, 5-7 min)
 #   make test   # create .venv, run the whole test suite (vLLM tests included)
 # Both are idempotent: the virtual environment is built once and reused while requirements are unchanged.
 

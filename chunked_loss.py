@@ -140,10 +140,249 @@ def _segments(c0, c1, step, cuts):
             yield r0, min(r0 + step, b)
 
 
+def _teacher_lm_head_for_matmuls(W_t, W_s, mm_s, matmul_dtype):
+    """The teacher's (V, H_t) matrix for the matmuls: W_t (detached), or its matmul_dtype copy; one copy in all
+    (mm_s) for a teacher that shares the student's lm_head."""
+    if matmul_dtype in (None, W_t.dtype):
+        return W_t
+    if W_t.data_ptr() == W_s.data_ptr() and W_t.shape == W_s.shape:
+        return mm_s
+    return W_t.to(matmul_dtype)
+
+
+class _Workspace:
+    """The lm_head matrices of one chunked_distill_loss call and the buffers its passes reuse.
+
+    The two (C, V) logits buffers are allocated once and refilled by every chunk (torch.mm(out=...)): fresh buffers
+    per chunk would cost the operating system's page faults on 2 x C x V new memory each time. The (R, V) float work
+    buffers (R <= math_rows) are allocated once too and reused by every row block: allocating and freeing them per
+    block makes the C library hand the memory back to the operating system and fault it in again each time.
+    """
+
+    def __init__(self, mm_s, mm_t, n_rows, *, chunk_size, math_rows, temperature, fdtype, device):
+        self.mm_s, self.mm_t, self.n_rows = mm_s, mm_t, n_rows
+        self.chunk_size, self.math_rows, self.temperature = chunk_size, math_rows, temperature
+        self.fdtype, self.device = fdtype, device  # fdtype: the dtype of the softmax math
+        C_max = min(chunk_size, n_rows)
+        self.buf_s = torch.empty(C_max, mm_s.shape[0], dtype=mm_s.dtype, device=device)  # (C, V)
+        self.buf_t = torch.empty(C_max, mm_t.shape[0], dtype=mm_t.dtype, device=device) if n_rows else None  # (C, V)
+        self.work_bufs = {}  # name -> (math_rows, V) float buffer
+
+    def student_logits(self, h_rows):  # (C, H) -> (C, V) in the matmul dtype, in buf_s
+        return torch.mm(h_rows.to(self.mm_s.dtype), self.mm_s.T, out=self.buf_s[:h_rows.shape[0]])
+
+    def teacher_logits(self, h_rows):  # (C, H_t) -> (C, V) in the teacher's matmul dtype, in buf_t
+        return torch.mm(h_rows.to(self.mm_t.dtype), self.mm_t.T, out=self.buf_t[:h_rows.shape[0]])
+
+    def log_softmax(self, z, out):  # (R, V) model dtype -> (R, V) float log-probs in out, as logprobs() computes them
+        if self.temperature != 1.0:
+            return torch.log_softmax(z.to(self.fdtype) / self.temperature, dim=-1, out=out)
+        return torch.log_softmax(z, dim=-1, dtype=self.fdtype, out=out)
+
+    def work(self, name, R):  # the first R rows of the work buffer `name`, (R, V) float
+        if name not in self.work_bufs:
+            self.work_bufs[name] = torch.empty(min(self.math_rows, self.n_rows), self.mm_s.shape[0],
+                                               dtype=self.fdtype, device=self.device)
+        return self.work_bufs[name][:R]
+
+
+class _LossSettings:
+    """The arguments of chunked_distill_loss that shape the loss of a row block (see chunked_distill_loss)."""
+
+    def __init__(self, method, beta, clip, temperature, topk, pull_weight, push_weight, push_margin):
+        self.method, self.beta, self.clip, self.temperature, self.topk = method, beta, clip, temperature, topk
+        self.pull_weight, self.push_weight, self.push_margin = pull_weight, push_weight, push_margin
+
+
+def _add(sums, name, values):
+    """Adds the token values (R,) to the running float64 sum sums[name] of a logged metric."""
+    sums[name] += values.double().sum()
+
+
+def _student_entropy_and_lse(ws, h_all, idx):
+    """DASD's no-grad pass over the student logits of the valid rows idx (N,) of h_all (B*T, H).
+
+    Returns (entropy, lse), each (B*T,) float (0 at padding): the student's entropy per token, which the router
+    needs for every token of a sequence before any loss is taken, and the log-sum-exp of z/temp, kept so that the
+    loss pass gets log p_S = z/temp - lse with one subtraction instead of a second log_softmax.
+    """
+    ent = torch.zeros(h_all.shape[0], dtype=ws.fdtype, device=ws.device)  # (B*T,)
+    lse = torch.zeros(h_all.shape[0], dtype=ws.fdtype, device=ws.device)  # (B*T,) student log-sum-exp per token
+    with torch.no_grad():
+        for c0 in range(0, idx.numel(), ws.chunk_size):
+            rows_c = idx[c0:c0 + ws.chunk_size]
+            z_s = ws.student_logits(h_all[rows_c])  # (C, V)
+            for r0 in range(0, rows_c.numel(), ws.math_rows):
+                rows = rows_c[r0:r0 + ws.math_rows]
+                R = rows.numel()
+                logp_s = ws.log_softmax(z_s[r0:r0 + ws.math_rows], ws.work("logp_s", R))  # (R, V)
+                p_s = torch.exp(logp_s, out=ws.work("p_s", R))  # (R, V)
+                ent[rows] = -_rowdot(p_s, logp_s, ws.work("tmp", R))  # (R,)
+                # log-sum-exp(z/temp) = z/temp - log p_S, read off entry 0
+                lse[rows] = z_s[r0:r0 + ws.math_rows, 0].to(ws.fdtype) / ws.temperature - logp_s[:, 0]  # (R,)
+    return ent, lse
+
+
+def _route_pull_first(ws, h_all, idx, mask, batch_shape, *, push_fraction, soft, sums):
+    """DASD's router: the entropy gate of every valid token and the loss pass's token order, pull tokens first.
+
+    h_all: (B*T, H) detached student hidden states; idx: (N,) valid rows; mask: (B, T); batch_shape: (B, T).
+    Returns (order (N,) rows of h_all pull-first, n_pull, gate (N,) float in that order, lse (N,) in that order) and
+    adds the gate, the fraction pushed and the student entropy to the metric sums.
+    """
+    ent, lse = _student_entropy_and_lse(ws, h_all, idx)  # (B*T,) each
+    gate_all = entropy_gate(ent.view(batch_shape), mask, push_fraction=push_fraction, soft=soft).reshape(-1)
+    push = gate_all[idx] < 0  # (N,)
+    order = torch.cat([idx[~push], idx[push]])  # (N,) pull tokens first, then push tokens
+    n_pull = int((~push).sum())
+    gate = gate_all[order].to(ws.fdtype)  # (N,)
+    _add(sums, "dasd/gate_mean", gate)
+    _add(sums, "dasd/frac_pushed", push.float())
+    _add(sums, "entropy/student", ent[order])
+    return order, n_pull, gate, lse[order]
+
+
+def _block_logprobs(ws, z_s, z_t, lse):
+    """Both sides' float log-probs and probs of one row block's (R, V) logits, in the work buffers.
+
+    lse: (R,) the student's log-sum-exp from DASD's router pass (log p_S = z/temp - lse), or None (a log_softmax).
+    Returns (logp_s, logp_t, p_s, p_t, tmp), each (R, V); tmp a free work buffer.
+    """
+    R = z_s.shape[0]
+    if lse is not None:
+        z = z_s if ws.temperature == 1.0 else z_s.to(ws.fdtype) / ws.temperature
+        logp_s = torch.sub(z, lse[:, None], out=ws.work("logp_s", R))  # (R, V) float
+    else:
+        logp_s = ws.log_softmax(z_s, ws.work("logp_s", R))  # (R, V)
+    logp_t = ws.log_softmax(z_t, ws.work("logp_t", R))  # (R, V) a constant
+    p_s = torch.exp(logp_s, out=ws.work("p_s", R))  # (R, V)
+    p_t = torch.exp(logp_t, out=ws.work("p_t", R))  # (R, V)
+    return logp_s, logp_t, p_s, p_t, ws.work("tmp", R)
+
+
+def _block_metrics(sums, method, logp_s, logp_t, p_s, p_t, tmp, kl_free):
+    """Adds the full-vocabulary metrics of a row block that the loss does not give for free (DASD has the student
+    entropies already; kl_free: _divergence_and_w returns the unclipped KL). (R, V) x 5."""
+    if method == "opsd":
+        _add(sums, "entropy/student", -_rowdot(p_s, logp_s, tmp))
+    neg_ent_t = _rowdot(p_t, logp_t, tmp)  # (R,) sum_v p_T log p_T
+    _add(sums, "entropy/teacher", -neg_ent_t)
+    if not kl_free:
+        _add(sums, "kl/teacher_student", neg_ent_t - _rowdot(p_t, logp_s, tmp))
+
+
+def _topk_logprobs(z_s, z_t, topk, temperature, fdtype):
+    """The loss's support narrowed to the teacher's top-k: each side's (R, V) logits gathered and renormalized over
+    the k entries, exactly as support_logprobs does for the plain path.
+
+    Returns (top, logp_s, logp_t, p_s, p_t, tmp): top (R, K) long, the rest (R, K) float; tmp a free buffer.
+    """
+    top = topk_support(z_t, topk)  # (R, K)
+    logp_s = logprobs(z_s.gather(-1, top), temperature)  # (R, K)
+    logp_t = logprobs(z_t.gather(-1, top), temperature).to(fdtype)  # (R, K)
+    return top, logp_s, logp_t, logp_s.exp(), logp_t.exp(), torch.empty_like(logp_s)
+
+
+def _block_divergence(cfg, pull, logp_s, logp_t, p_s, p_t, tmp, gate, inv_n, sums):
+    """One row block's per-token loss, with what its gradient needs; all rows of one kind.
+
+    OPSD: loss_t = D_t, a_t = 1/N. DASD pull rows (pull, gate >= 0): loss_t = g D_t with g = pull_weight gate,
+    a_t = g/N. DASD push rows (gate < 0): JSD, capped at the margin, with zero gradient past it:
+    loss_t = -push_weight |gate| min(D_t, margin), a_t = -push_weight |gate| / N where D_t <= margin, else 0.
+    logp_s, logp_t, p_s, p_t, tmp: (R, V) or (R, K); gate: (R,) or None (OPSD).
+    Returns (loss_t (R,), a (R,) = d(loss)/d(D_t), w (R, V) or (R, K) as in _divergence_and_w, kl (R,) or None).
+    """
+    if cfg.method == "opsd":
+        d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=cfg.beta, clip=cfg.clip, out=tmp)
+        return d, torch.full_like(d, inv_n), w, kl
+    if pull:
+        g = cfg.pull_weight * gate  # (R,) >= 0
+        d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=cfg.beta, clip=cfg.clip, out=tmp)
+        loss_t = g * d
+        _add(sums, "loss/pull", loss_t)
+        return loss_t, g * inv_n, w, kl
+    g = -gate  # (R,) > 0
+    d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=0.5, clip=None, out=tmp)
+    push_t = cfg.push_weight * g * d.clamp(max=cfg.push_margin)  # (R,)
+    a = torch.where(d <= cfg.push_margin, -cfg.push_weight * g * inv_n, 0.0)  # flat past the margin
+    _add(sums, "loss/push", push_t)
+    return -push_t, a, w, kl
+
+
+def _write_logit_grad(dz, scale, w, p_s, a, top, temperature):
+    """dL/dz = -(a / temperature) * (w - sum(w) p_S) for one row block, as the bracket dz (R, V) and the per-row
+    factor scale (R,).
+
+    The bracket is written straight into the model-dtype dz (one pass); the per-row factor is applied later to the
+    (C, H) side of the matmuls, which is V / H times smaller than scaling the (C, V) logits' gradient.
+    With top (R, K) the bracket is 0 off the support and its k entries are scattered into a zeroed row.
+    """
+    w = w.addcmul_(p_s, w.sum(-1, keepdim=True), value=-1.0)  # (R, V) or (R, K) w - sum(w) p_S
+    if top is None:
+        dz.copy_(w)  # cast to the model dtype
+    else:
+        dz.zero_()
+        dz.scatter_(-1, top, w.to(dz.dtype))
+    scale.copy_(-a / temperature)  # (R,)
+
+
+def _row_block(ws, cfg, z_s, z_t, dz, scale, *, pull, lse, gate, inv_n, sums, need_grad):
+    """The loss of one block of R rows of a chunk, with its metrics and, if need_grad, its part of dL/dz.
+
+    z_s, z_t: the block's (R, V) logits; dz, scale: the block's rows of the chunk's (C, V) logits gradient (over
+    z_s's memory) and (C,) per-row factor; pull: the block holds pull rows (always for OPSD); lse, gate: (R,) from
+    DASD's router, or None. Returns the block's float64 share of the loss, sum_t loss_t / N.
+    """
+    logp_s, logp_t, p_s, p_t, tmp = _block_logprobs(ws, z_s, z_t, lse)  # (R, V) each
+    kl_free = cfg.beta == 0.0 and pull and cfg.topk is None  # from _divergence_and_w, full-vocab KL
+    _block_metrics(sums, cfg.method, logp_s, logp_t, p_s, p_t, tmp, kl_free)
+    top = None
+    if cfg.topk is not None:  # from here on the loss's support is the teacher's top-k (the metrics saw all V)
+        top, logp_s, logp_t, p_s, p_t, tmp = _topk_logprobs(z_s, z_t, cfg.topk, cfg.temperature, ws.fdtype)
+    loss_t, a, w, kl = _block_divergence(cfg, pull, logp_s, logp_t, p_s, p_t, tmp, gate, inv_n, sums)
+    if kl_free:
+        _add(sums, "kl/teacher_student", kl)
+    if need_grad:
+        _write_logit_grad(dz, scale, w, p_s, a, top, cfg.temperature)
+    return loss_t.double().sum() * inv_n
+
+
+def _loss_pass(ws, cfg, h_s, h_t, *, n_pull, gate, lse, inv_n, sums, grad_h, grad_W):
+    """The loss over the valid rows, chunk by chunk, each chunk's gradient computed as it goes.
+
+    h_s: (N, H), h_t: (N, H_t) detached hidden states in loss-pass order (DASD: the first n_pull rows pull, the rest
+    push); gate, lse: (N,) from DASD's router, or None. grad_h: (N, H) float buffer filled here, or None; grad_W:
+    a _WeightGrad accumulated here, or None. Returns the float64 loss.
+    """
+    N = h_s.shape[0]
+    need_grad = grad_h is not None or grad_W is not None
+    loss = torch.zeros((), dtype=torch.float64, device=ws.device)
+    with torch.no_grad():
+        for c0 in range(0, N, ws.chunk_size):
+            c1 = min(c0 + ws.chunk_size, N)
+            z_t = ws.teacher_logits(h_t[c0:c1])  # (C, V) teacher logits
+            z_s = ws.student_logits(h_s[c0:c1])  # (C, V) student logits, model dtype
+            # d(loss)/d(logits) / scale, (C, V) in the model dtype, is written over z_s row block by row block
+            # (a block's logits are not needed once its log-probs exist): no third (C, V) buffer
+            dz = z_s
+            scale = torch.zeros(c1 - c0, dtype=ws.fdtype, device=ws.device)  # (C,) per-row factor of dz
+            for r0, r1 in _segments(c0, c1, ws.math_rows, [n_pull]):  # each block pull rows only or push rows only
+                rows = slice(r0 - c0, r1 - c0)  # rows of this chunk
+                loss += _row_block(ws, cfg, z_s[rows], z_t[rows], dz[rows], scale[rows], pull=r0 < n_pull,
+                                   lse=None if lse is None else lse[r0:r1],
+                                   gate=None if gate is None else gate[r0:r1], inv_n=inv_n, sums=sums,
+                                   need_grad=need_grad)
+            if grad_h is not None:  # (C, H)   since z = h W^T:  dL/dh = dL/dz W = scale * (dz W)
+                grad_h[c0:c1] = (dz @ ws.mm_s).to(ws.fdtype) * scale[:, None]
+            if grad_W is not None:  # (V, H)   dL/dW += dL/dz^T h = dz^T (scale * h), accumulated in W's dtype
+                grad_W.add(dz, (h_s[c0:c1].to(ws.fdtype) * scale[:, None]).to(ws.mm_s.dtype))
+    return loss
+
+
 def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden, teacher_lm_head_weight, mask, *,
                          method="opsd", chunk_size=256, math_rows=16, beta=0.0, clip=0.05, temperature=1.0,
                          push_fraction=0.2, soft=True, push_weight=1.0, push_margin=0.1, topk=None,
-                         matmul_dtype=None):
+                         matmul_dtype=None, pull_weight=1.0):
     """opsd_loss / dasd_loss on logits = hidden @ W.T, never holding more than chunk_size x V logits.
 
     student_hidden: (B, T, H) final hidden states (after the last norm) at the positions predicting the response
@@ -164,176 +403,47 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
     which takes a few elementwise passes over each row instead of autograd's recorded graph, and gives the logged
     entropy and unclipped KL from quantities the loss already needs. With topk, log p_S^k = z_k/temp - logsumexp(
     z_k/temp) on the k entries only, so the same formula with p_S^k holds on those k and dL/dz = 0 on the others.
+
+    The passes: _route_pull_first (DASD only: the router's entropies, gate and pull-first token order), then
+    _loss_pass over the chunks, each chunk's rows math_rows at a time through _row_block.
     """
     assert method in ("opsd", "dasd")
     B, T, H = student_hidden.shape
     W_s, W_t = student_lm_head_weight, teacher_lm_head_weight.detach()  # teacher is a constant
-    # the matrices the matmuls use: the weights themselves, or their matmul_dtype copies (one copy for a teacher
-    # that shares the student's lm_head)
-    mm_s = _lm_head_for_matmuls(W_s, matmul_dtype)
-    if matmul_dtype in (None, W_t.dtype):
-        mm_t = W_t
-    elif W_t.data_ptr() == W_s.data_ptr() and W_t.shape == W_s.shape:
-        mm_t = mm_s
-    else:
-        mm_t = W_t.to(matmul_dtype)
-    valid = mask.bool().reshape(-1)  # (B*T,)
-    idx = valid.nonzero().squeeze(1)  # (N,) padding rows are skipped entirely: they add nothing to loss or grad
+    mm_s = _lm_head_for_matmuls(W_s, matmul_dtype)  # (V, H) the matrix the student's matmuls use
+    mm_t = _teacher_lm_head_for_matmuls(W_t, W_s, mm_s, matmul_dtype)  # (V, H_t)
+    idx = mask.bool().reshape(-1).nonzero().squeeze(1)  # (N,) padding rows are skipped: no loss, no gradient
     N = idx.numel()
     inv_n = 1.0 / max(N, 1)  # token mean: d(loss)/d(token loss) = 1/N, known before any chunk is seen
     fdtype = torch.promote_types(W_s.dtype, torch.float32)  # dtype of the softmax math (logits are in W's dtype)
-    dev = student_hidden.device
-
-    # The two (C, V) logits buffers are allocated once and refilled by every chunk (torch.mm(out=...)): fresh
-    # buffers per chunk would cost the operating system's page faults on 2 x C x V new memory each time.
-    C_max = min(chunk_size, N)
-    buf_s = torch.empty(C_max, W_s.shape[0], dtype=mm_s.dtype, device=dev)  # (C, V)
-    buf_t = torch.empty(C_max, W_t.shape[0], dtype=mm_t.dtype, device=dev) if N else None  # (C, V)
-
-    def student_logits(h_rows):  # (C, H) -> (C, V) in the matmul dtype, in buf_s
-        return torch.mm(h_rows.to(mm_s.dtype), mm_s.T, out=buf_s[:h_rows.shape[0]])
-
-    def log_softmax(z, out):  # (R, V) model dtype -> (R, V) float log-probs in out, as logprobs() computes them
-        if temperature != 1.0:
-            return torch.log_softmax(z.to(fdtype) / temperature, dim=-1, out=out)
-        return torch.log_softmax(z, dim=-1, dtype=fdtype, out=out)
-
-    # (R, V) float work buffers, allocated once and reused by every row block: allocating and freeing them per
-    # block makes the C library hand the memory back to the operating system and fault it in again each time.
-    work_bufs = {}
-
-    def work(name, R):
-        if name not in work_bufs:
-            work_bufs[name] = torch.empty(min(math_rows, N), W_s.shape[0], dtype=fdtype, device=dev)
-        return work_bufs[name][:R]
-
+    ws = _Workspace(mm_s, mm_t, N, chunk_size=chunk_size, math_rows=math_rows, temperature=temperature, fdtype=fdtype,
+                    device=student_hidden.device)
+    cfg = _LossSettings(method, beta, clip, temperature, topk, pull_weight, push_weight, push_margin)
     h_all = student_hidden.detach().reshape(B * T, H)  # (B*T, H) detached: we compute the gradient ourselves
     names = ["entropy/student", "entropy/teacher", "kl/teacher_student"]
     if method == "dasd":
         names += ["dasd/gate_mean", "dasd/frac_pushed", "loss/pull", "loss/push"]
-    sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in names}  # running sums over tokens
-
-    def add(name, values):
-        sums[name] += values.double().sum()
+    sums = {k: torch.zeros((), dtype=torch.float64, device=ws.device) for k in names}  # running sums over tokens
 
     # Per-token constants of the loss pass: the weight a_t of each token's divergence in the loss, and which
     # divergence it uses. OPSD: a_t = 1/N for all. DASD: pull tokens (gate >= 0) a_t = gate/N on D_pull; push
     # tokens (gate < 0) a_t = -push_weight |gate| / N on min(D_push, margin). Sorting the tokens pull-first makes
     # each row block of the loss pass one kind only (the loss is a sum over tokens: any order gives the same).
-    n_pull = N
-    if method == "dasd":  # the router needs every entropy of a sequence first: one no-grad pass over the logits
-        ent = torch.zeros(B * T, dtype=fdtype, device=dev)  # (B*T,)
-        lse = torch.zeros(B * T, dtype=fdtype, device=dev)  # (B*T,) student log-sum-exp per token
-        with torch.no_grad():
-            for c0 in range(0, N, chunk_size):
-                rows_c = idx[c0:c0 + chunk_size]
-                z_s = student_logits(h_all[rows_c])  # (C, V)
-                for r0 in range(0, rows_c.numel(), math_rows):
-                    rows = rows_c[r0:r0 + math_rows]
-                    R = rows.numel()
-                    logp_s = log_softmax(z_s[r0:r0 + math_rows], work("logp_s", R))  # (R, V)
-                    p_s = torch.exp(logp_s, out=work("p_s", R))  # (R, V)
-                    ent[rows] = -_rowdot(p_s, logp_s, work("tmp", R))  # (R,)
-                    # keep log-sum-exp(z/temp) = z/temp - log p_S, read off entry 0: the loss pass then gets
-                    # log p_S = z/temp - lse in one subtraction instead of a second log_softmax
-                    lse[rows] = z_s[r0:r0 + math_rows, 0].to(fdtype) / temperature - logp_s[:, 0]  # (R,)
-                del logp_s, p_s
-        gate_all = entropy_gate(ent.view(B, T), mask, push_fraction=push_fraction, soft=soft).reshape(-1)
-        push = gate_all[idx] < 0  # (N,)
-        order = torch.cat([idx[~push], idx[push]])  # (N,) pull tokens first, then push tokens
-        n_pull = int((~push).sum())
-        gate = gate_all[order].to(fdtype)  # (N,)
-        ent = ent[order]  # (N,) reused for the entropy metric
-        lse = lse[order]  # (N,)
-        add("dasd/gate_mean", gate)
-        add("dasd/frac_pushed", push.float())
-        add("entropy/student", ent)
-    else:
-        order = idx
+    # DASD's router needs every entropy of a sequence first: one no-grad pass over the logits.
+    order, n_pull, gate, lse = idx, N, None, None
+    if method == "dasd":
+        order, n_pull, gate, lse = _route_pull_first(ws, h_all, idx, mask, (B, T), push_fraction=push_fraction,
+                                                     soft=soft, sums=sums)
 
     h_s = h_all[order]  # (N, H) rows in loss-pass order
     h_t = teacher_hidden.detach().reshape(B * T, -1)[order]  # (N, H_t)
     need_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or W_s.requires_grad)
     want_h = need_grad and student_hidden.requires_grad
     want_W = need_grad and W_s.requires_grad
-    grad_h = torch.zeros(N, H, dtype=fdtype, device=dev) if want_h else None  # (N, H)
+    grad_h = torch.zeros(N, H, dtype=fdtype, device=ws.device) if want_h else None  # (N, H)
     grad_W = _WeightGrad(W_s, mm_s.dtype) if want_W else None  # (V, H), accumulated over the chunks
-
-    loss = torch.zeros((), dtype=torch.float64, device=dev)
-    with torch.no_grad():
-        for c0 in range(0, N, chunk_size):
-            c1 = min(c0 + chunk_size, N)
-            z_t = torch.mm(h_t[c0:c1].to(mm_t.dtype), mm_t.T, out=buf_t[:c1 - c0])  # (C, V) teacher logits
-            z_s = student_logits(h_s[c0:c1])  # (C, V) student logits, model dtype
-            # d(loss)/d(logits) / scale, (C, V) in the model dtype, is written over z_s row block by row block
-            # (a block's logits are not needed once its log-probs exist): no third (C, V) buffer
-            dz = z_s
-            scale = torch.zeros(c1 - c0, dtype=fdtype, device=dev)  # (C,) per-row factor of dz
-            for r0, r1 in _segments(c0, c1, math_rows, [n_pull]):
-                rows = slice(r0 - c0, r1 - c0)  # rows of this chunk
-                R = r1 - r0
-                if method == "dasd":  # log p_S = z/temp - lse, with the lse of the entropy pass
-                    z = z_s[rows] if temperature == 1.0 else z_s[rows].to(fdtype) / temperature
-                    logp_s = torch.sub(z, lse[r0:r1, None], out=work("logp_s", R))  # (R, V) float
-                else:
-                    logp_s = log_softmax(z_s[rows], work("logp_s", R))  # (R, V)
-                logp_t = log_softmax(z_t[rows], work("logp_t", R))  # (R, V) a constant
-                p_s = torch.exp(logp_s, out=work("p_s", R))  # (R, V)
-                p_t = torch.exp(logp_t, out=work("p_t", R))  # (R, V)
-                tmp = work("tmp", R)  # (R, V)
-                # logged metrics the loss below does not give for free (DASD has the entropies already)
-                kl_free = beta == 0.0 and r0 < n_pull and topk is None  # from _divergence_and_w, full-vocab KL
-                if method == "opsd":
-                    add("entropy/student", -_rowdot(p_s, logp_s, tmp))
-                neg_ent_t = _rowdot(p_t, logp_t, tmp)  # (R,) sum_v p_T log p_T
-                add("entropy/teacher", -neg_ent_t)
-                if not kl_free:
-                    add("kl/teacher_student", neg_ent_t - _rowdot(p_t, logp_s, tmp))
-                if topk is not None:
-                    # From here on the loss's support is the teacher's top-k (the metrics above saw all V): the
-                    # names now hold (R, K) tensors, each side's logits gathered and renormalized over the k
-                    # entries, exactly as support_logprobs does for the plain path.
-                    top = topk_support(z_t[rows], topk)  # (R, K)
-                    logp_s = logprobs(z_s[rows].gather(-1, top), temperature)  # (R, K)
-                    logp_t = logprobs(z_t[rows].gather(-1, top), temperature).to(fdtype)  # (R, K)
-                    p_s, p_t, tmp = logp_s.exp(), logp_t.exp(), torch.empty_like(logp_s)  # (R, K) each
-                if method == "opsd":
-                    d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=beta, clip=clip, out=tmp)
-                    a = torch.full_like(d, inv_n)  # (R,) d(loss)/d(D_t)
-                    loss_t = d
-                elif r0 < n_pull:  # DASD pull rows
-                    g = gate[r0:r1]  # (R,) >= 0
-                    d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=beta, clip=clip, out=tmp)
-                    a = g * inv_n
-                    loss_t = g * d
-                    add("loss/pull", loss_t)
-                else:  # DASD push rows: JSD, capped at the margin, with zero gradient past it
-                    g = -gate[r0:r1]  # (R,) > 0
-                    d, w, kl = _divergence_and_w(logp_s, logp_t, p_s, p_t, beta=0.5, clip=None, out=tmp)
-                    push_t = push_weight * g * d.clamp(max=push_margin)  # (R,)
-                    a = torch.where(d <= push_margin, -push_weight * g * inv_n, 0.0)  # flat past the margin
-                    loss_t = -push_t
-                    add("loss/push", push_t)
-                if kl_free:
-                    add("kl/teacher_student", kl)
-                loss += loss_t.double().sum() * inv_n
-                if need_grad:
-                    # dL/dz = -(a / temperature) * (w - sum(w) p_S). The bracket is written straight into the
-                    # model-dtype buffer (one pass); the per-row factor is applied to the (C, H) side of the
-                    # matmuls below, which is V / H times smaller than scaling the (C, V) logits' gradient.
-                    w = w.addcmul_(p_s, w.sum(-1, keepdim=True), value=-1.0)  # (R, V) or (R, K) w - sum(w) p_S
-                    if topk is None:
-                        dz[rows] = w  # over z_s's rows, cast to the model dtype
-                    else:  # 0 off the support, the k entries scattered into place (K < V: a zeroed row first)
-                        dz[rows] = 0
-                        dz[rows].scatter_(-1, top, w.to(dz.dtype))
-                    scale[rows] = -a / temperature  # (R,)
-                del logp_s, logp_t, p_s, p_t, w, tmp
-            if need_grad:
-                if want_h:  # (C, H)   since z = h W^T:  dL/dh = dL/dz W = scale * (dz W)
-                    grad_h[c0:c1] = (dz @ mm_s).to(fdtype) * scale[:, None]
-                if want_W:  # (V, H)   dL/dW += dL/dz^T h = dz^T (scale * h), accumulated in W's dtype
-                    grad_W.add(dz, (h_s[c0:c1].to(fdtype) * scale[:, None]).to(mm_s.dtype))
+    loss = _loss_pass(ws, cfg, h_s, h_t, n_pull=n_pull, gate=gate, lse=lse, inv_n=inv_n, sums=sums, grad_h=grad_h,
+                      grad_W=grad_W)
 
     loss = loss.to(fdtype)
     if need_grad:
@@ -342,6 +452,24 @@ def chunked_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
     if method == "opsd":
         metrics["loss/div"] = loss.detach()
     return loss, metrics
+
+
+@torch.no_grad()
+def student_confidence(s_out, targets, mask, temperature, lm_head_weight=None, rows_per_pass=256):
+    """Token sums of the student's NLL of its own sampled tokens and of its top-1 probability (the ATESD controller's
+    state features). s_out: (B,T,V) logits, or with lm_head_weight (V,H) the (B,T,H) hidden states, whose logits are
+    made here; targets, mask: (B,T). The valid tokens go rows_per_pass at a time: an (R,V) softmax, never (B,T,V)."""
+    tgt = targets.reshape(-1)  # (B*T,)
+    flat = s_out.detach().reshape(-1, s_out.shape[-1])  # (B*T, V or H)
+    rows = mask.bool().reshape(-1).nonzero().squeeze(1)  # (N,)
+    nll = top1 = 0.0
+    for r0 in range(0, rows.numel(), rows_per_pass):
+        r = rows[r0:r0 + rows_per_pass]
+        z = flat[r] if lm_head_weight is None else flat[r].to(lm_head_weight.dtype) @ lm_head_weight.T  # (R,V)
+        logp = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)) / temperature, -1)  # (R,V)
+        nll -= logp.gather(-1, tgt[r].unsqueeze(-1)).sum().item()
+        top1 += logp.max(-1).values.exp().sum().item()
+    return {"student/nll": nll, "student/confidence": top1}
 
 
 def chunked_nll_loss(hidden, lm_head_weight, targets, mask, *, chunk_size=256, matmul_dtype=None):

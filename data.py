@@ -27,25 +27,21 @@ Train/test disjointness by construction:
 so a test problem never shares its mathematical content with a train problem, even under other
 names; both splits are deterministic functions of their seeds.
 
-Choices (the papers use existing datasets; all of this is ours):
- 1. Solutions are written one computation per line ("She buys 7 more apples: 12 + 7 = 19.") and
-    end with "Answer: \\boxed{19}", so exposure truncation cuts between whole computations.
- 2. ~20% of signatures are test (hash bucket), the rest train; a signature appears at most once
-    per generated list.
- 3. User data: fields are auto-detected in this order unless given by flags:
-    problem <- problem | question | prompt;  solution <- solution | privileged_context
-    (GSM8K: an `answer` containing "#### n" is split into the worked solution and n; its
-    <<calculator>> annotations are removed);  answer <- answer field, else the solution's last box
-    (`grader.last_boxed`: the last \\boxed{}/\\fbox{}; the same extractor grades responses in
-    training and evaluation). A solution without \\boxed{} gets an "Answer: \\boxed{a}" line appended.
- 4. A row with no problem, or with no way to get an answer, is an error naming file, line and
-    field (or skipped and counted with skip_bad_rows=True); an empty result is always an error.
+Choices (the papers use existing datasets; all of this is ours, with its reasons in docs/choices.md):
+  - Solutions are written one computation per line and end with "Answer: \\boxed{19}", so exposure truncation cuts
+    between whole computations (docs/choices.md, choice 58).
+  - About 20% of signatures are test (a hash bucket), the rest train (docs/choices.md, choice 59).
+  - User data: fields are detected unless given by flags; the answer is the answer field, else the solution's last
+    box, by grader.last_boxed (docs/choices.md, choice 60).
+  - A bad row is an error naming file, line and field, or skipped and counted with skip_bad_rows=True
+    (docs/choices.md, choice 61).
 
 The embedded SmolLM2-135M-Instruct rarely writes \\boxed{} and is weak at arithmetic: its accuracy on
 the test split, as evaluate.py grades it, is in docs/results.md ("The demo"), with the command that measures it.
 
-Example:
+Examples:
     python data.py                      # prints a few embedded problems per level and split sizes
+    python data.py --export siyanzhao/Openthoughts_math_30k_opsd --out openthoughts_math.jsonl   # hub -> local file
 """
 
 import hashlib
@@ -53,6 +49,7 @@ import json
 import os
 import random
 import re
+import sys
 
 from grader import last_boxed  # the one answer extractor: a user solution's answer is its last box
 
@@ -181,7 +178,8 @@ def generate_problems(n, *, seed, levels=(1, 2, 3), split=None, max_tries=2000):
 
 
 EMBEDDED_SEEDS = {"train": 1234, "test": 5678}
-EMBEDDED_SIZES = {"train": 3000, "test": 300}  # test: 100 per level; the first 150 are the earlier 150-problem split
+# test: 100 per level, its first 150 rows are the 150-row split (docs/choices.md, choice 14)
+EMBEDDED_SIZES = {"train": 3000, "test": 300}
 
 
 def embedded_split(split, n=None, *, levels=(1, 2, 3)):
@@ -343,6 +341,24 @@ def to_row(record, *, where, problem_field=None, solution_field=None, answer_fie
             "answer": answer, "level": int(level) if isinstance(level, (int, float)) else 0}
 
 
+def swap_references(rows, seed=0):
+    """The wrong-reference control: each row gains "reference", the (solution, answer) of another row whose solution
+    and answer both differ from its own (an equal answer would hand the teacher the right one). The partner is the
+    next such row after a seeded cyclic shift, so the pairing is a function of (rows, seed) alike on every rank."""
+    n = len(rows)
+    shift = 1 + (seed * 7919) % max(n - 1, 1)
+    out = []
+    for i, r in enumerate(rows):
+        for j in range(n - 1):
+            o = rows[(i + shift + j) % n]
+            if o["solution"] != r["solution"] and o["answer"] != r["answer"]:
+                out.append({**r, "reference": (o["solution"], o["answer"])})
+                break
+        else:
+            raise ValueError(f"--teacher_context wrong: no other row has a different solution and answer than row {i}")
+    return out
+
+
 def load_dataset(name_or_path, *, split="train", problem_field=None, solution_field=None,
                  answer_field=None, skip_bad_rows=False, limit=None):
     """Rows from 'embedded' / 'embedded:test', a .jsonl/.json/.parquet file, or a hub dataset name.
@@ -390,7 +406,29 @@ def load_dataset(name_or_path, *, split="train", problem_field=None, solution_fi
     return rows
 
 
-if __name__ == "__main__":
+def export_jsonl(name, out, **kw):
+    """Rows of any source load_dataset reads (fields mapped and checked as for training), written to a JSONL file
+    of problem/solution/answer records that load_dataset reads back offline. Returns the number of rows."""
+    if not out.endswith(".jsonl"):
+        raise DataError(f"--out {out}: must end in .jsonl")
+    if not os.path.isdir(os.path.dirname(out) or "."):  # before a long download, not after
+        raise DataError(f"--out {out}: cannot write (no folder {os.path.dirname(out)})")
+    rows = load_dataset(name, **kw)
+    tmp = out + ".tmp"  # a failed write leaves no half file under the final name
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps({"problem": r["problem"], "solution": r["solution"], "answer": r["answer"]},
+                                   ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DataError(f"--out {out}: cannot write ({e.strerror or e})") from None
+    return len(rows)
+
+
+def demo():
     train, test = embedded_split("train"), embedded_split("test")
     print(f"embedded train: {len(train)} rows, test: {len(test)} rows")
     for level in (1, 2, 3, 4):
@@ -399,3 +437,37 @@ if __name__ == "__main__":
     # the first row of a GSM8K-style record, as the loader maps it
     print("\nGSM8K-style:", to_row({"question": "Tom has 3 pens and buys 4. How many?",
                                     "answer": "3 + 4 = <<3+4=7>>7 pens\n#### 7"}, where="example"))
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description="Print embedded problems, or export a dataset to a local JSONL file.")
+    p.add_argument("--export", metavar="NAME", help="hub dataset (owner/name[:config]) or file to export")
+    p.add_argument("--out", help="the JSONL file --export writes")
+    p.add_argument("--split", default="train", help="split of the exported dataset")
+    p.add_argument("--problem_field", help="field holding the problem (default: guessed, as for training)")
+    p.add_argument("--solution_field", help="field holding the reference solution (default: guessed)")
+    p.add_argument("--answer_field", help="field holding the final answer (default: answer, else the last \\boxed)")
+    p.add_argument("--skip_bad_rows", action="store_true", help="skip and count unusable rows instead of failing")
+    args = p.parse_args(argv)
+    if args.export is None:
+        if args.out:
+            p.error("--out needs --export NAME")
+        demo()
+        return 0
+    if not args.out:
+        p.error("--export needs --out FILE.jsonl")
+    try:
+        n = export_jsonl(args.export, args.out, split=args.split, problem_field=args.problem_field,
+                         solution_field=args.solution_field, answer_field=args.answer_field,
+                         skip_bad_rows=args.skip_bad_rows)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {n} rows of {args.export} ({args.split}) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

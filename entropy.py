@@ -10,14 +10,9 @@ Equations (per position t, vocabulary of size V, logits z_t, temperature T_s):
     H_t     = - sum_v p_t(v) * log p_t(v)                    (nats, 0 <= H_t <= log V)
             = logsumexp(z_t / T_s) - sum_v p_t(v) * z_t(v) / T_s
 
-Choices where the papers are silent:
-  1. The result is float32 (float64 stays float64) whatever the input dtype: a bf16 softmax over 151,936
-     entries loses the small probabilities that make up most of the entropy of a flat distribution.
-  2. Entries with logit -inf (masked vocabulary, e.g. a banned token) have p = 0 and contribute exactly 0
-     (the convention 0 * log 0 = 0); we guard the 0 * (-inf) = nan of the naive formula with torch.where.
-     Every row must keep at least one finite logit (a row of only -inf is not a distribution).
-  3. Gradients flow (the entropy is differentiable), but every caller in this project uses it detached:
-     the router must not be trained to move tokens across the threshold.
+Where the papers are silent: the result is float32 whatever the input dtype (docs/choices.md, choice 29); entries
+with logit -inf contribute exactly 0 (docs/choices.md, choice 30); differentiable, but every caller detaches it
+(docs/choices.md, choice 34).
 
 Run the demo:
     python entropy.py

@@ -24,30 +24,29 @@ Reasoning health, per model and benchmark (all from the k samples of every probl
     length         mean / std / quantiles / histogram of response length (tokens)
     truncated      fraction of samples stopped by max_new_tokens
     no_box         fraction of samples with no \\boxed{} (or \\fbox{})
-    no_answer      fraction with nothing extracted even after the fallback (grader.py choice 2)
+    no_answer      fraction with nothing extracted even after the fallback (docs/choices.md, choice 10)
     entropy        mean over response tokens of H_t = -sum_v p(v|x,y<t) log p(v|x,y<t) (nats),
                    p = the evaluated model, teacher-forced over [prompt | response]
     revisions/1k   1000 * (# self-revision markers such as "wait", "let me check") / (# tokens):
                    an exploration density in the spirit of DASD's E(y)
     rep4           n-gram repetition rate 1 - (# distinct 4-grams) / (# 4-grams), mean over responses
 
-Choices (the papers are silent on these; each is ours):
- 1-4. Answer extraction, the fallback, checking and its time limit: grader.py, shared with training.
- 5. maj@k groups answers by their normalized string (not by pairwise math-verify, which would be
-    O(k^2) checks); samples with no answer do not vote; a tie between groups counts the fraction of
-    tied groups that are correct (the expected score of a random tie-break).
- 6. Token entropy at temperature 1 unless `--entropy_temperature` says otherwise: the entropy of the
-    model, not of the truncated top-p sampler.
- 7. Revision markers are counted case-insensitively at word boundaries; the density pools markers
-    and tokens over all responses (long responses weigh more, like a per-token rate should).
- 8. Benchmarks by name load through the `datasets` package from the hub (table BENCHMARKS below).
-    Without network access (or without `datasets`) that is a BenchmarkUnavailable error naming the
-    benchmark and suggesting a local file; any local JSONL/JSON/Parquet file goes through data.py.
+Choices (the papers are silent on these; each is ours, with its reasons in docs/choices.md):
+  - Answer extraction, the fallback, checking and its time limit: grader.py, shared with training
+    (docs/choices.md, choice 10; docs/choices.md, choice 51; docs/choices.md, choice 52).
+  - maj@k groups answers by their normalized string; a tie scores the expected random tie-break
+    (docs/choices.md, choice 53).
+  - Token entropy at temperature 1 unless `--entropy_temperature` says otherwise (docs/choices.md, choice 54).
+  - Revision markers counted at word boundaries, the density pooled over responses (docs/choices.md, choice 55).
+  - Benchmarks by name through `datasets`, else a BenchmarkUnavailable error (docs/choices.md, choice 56).
+  - The student prompt's thinking mode is the one the model was trained in, `--thinking auto`
+    (docs/choices.md, choice 57).
 
 Examples:
     python evaluate.py --demo                                                # toy values of every metric
     python evaluate.py --n_problems 20 --k 4 --max_new_tokens 256           # embedded model and test split
     python evaluate.py --model out/step_0 --model out/step_100 --data MATH-500 --data "AIME 2024" --k 16
+    python evaluate.py --model runs/qwen3/final --data aime24 --thinking false   # force non-thinking prompts
     python evaluate.py --plot_train runs/opsd/metrics.jsonl runs/dasd/metrics.jsonl --out plots
 """
 
@@ -117,7 +116,8 @@ def paired_bootstrap(base, new, *, n_boot=10000, level=0.95, seed=0):
 
 
 def majority_vote(answers, correct):
-    """Score in [0, 1] of the majority answer of one problem (choice 5); 0 if nothing was extracted."""
+    """Score in [0, 1] of the majority answer of one problem (docs/choices.md, choice 53); 0 if nothing was
+    extracted."""
     votes, verdict = Counter(), {}
     for a, ok in zip(answers, correct):
         if a is None:
@@ -183,7 +183,7 @@ def count_revisions(text):
 
 
 def revision_density(responses, n_tokens=None):
-    """Revision markers per 1000 tokens, pooled over responses (choice 7).
+    """Revision markers per 1000 tokens, pooled over responses (docs/choices.md, choice 55).
 
     n_tokens: token count of each response; default: whitespace-separated words.
     """
@@ -427,13 +427,60 @@ def _labels(paths):
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate_model(path, label, benches, args, out_samples):
+TRAIN_CONFIG = "train_config.json"  # plumbing.TRAIN_CONFIG: train.py's flags, saved in every model folder it writes
+THINKING = {"true": True, "false": False, "default": None}  # --thinking -> enable_thinking (None: the template's)
+
+
+def recorded_thinking(model_dir):
+    """(found, student_thinking) from model_dir/train_config.json; found is False without the file or the field."""
+    if model_dir is None:  # the embedded model: never trained here
+        return False, None
+    path = os.path.join(os.path.expanduser(model_dir), TRAIN_CONFIG)
+    if not os.path.isfile(path):  # a hub name, or a folder train.py did not write
+        return False, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read as JSON ({e})") from None
+    if not isinstance(cfg, dict) or "student_thinking" not in cfg:
+        return False, None
+    value = cfg["student_thinking"]
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{path}, field 'student_thinking': expected true, false or null, got {value!r}")
+    return True, value
+
+
+def thinking_mode(flag, model_dir):
+    """The student prompts' enable_thinking for --thinking `flag` (None: the template's default), where it comes
+    from, and a warning line (or None) when an explicit flag contradicts the recorded student_thinking
+    (docs/choices.md, choice 57)."""
+    found, recorded = recorded_thinking(model_dir)
+    if flag == "auto":
+        return (recorded, TRAIN_CONFIG, None) if found else (None, "template default", None)
+    if flag not in THINKING:
+        raise ValueError(f"--thinking {flag}: expected auto, true, false or default")
+    chosen, warning = THINKING[flag], None
+    if found and chosen != recorded:
+        warning = (f"warning: --thinking {flag} (enable_thinking={json.dumps(chosen)}) but "
+                   f"{os.path.join(model_dir, TRAIN_CONFIG)} records student_thinking={json.dumps(recorded)}")
+    return chosen, f"--thinking {flag}", warning
+
+
+def student_prompts(tok, benches, enable_thinking=None):
+    """{bench: P lists of prompt ids}: train.py's student prompts of every problem, in the given thinking mode."""
+    import teacher
+
+    return {bench: [teacher.student_prompt_ids(tok, r["problem"], enable_thinking=enable_thinking) for r in rows]
+            for bench, rows in benches.items()}
+
+
+def evaluate_model(path, label, benches, args, out_samples, enable_thinking=None):
     """Generate k samples per problem of every benchmark, grade them, return {bench: metrics}."""
     import torch
 
     import model as model_lib
     import rollout
-    import teacher
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = model_lib.pick_dtype(args.dtype, device)
@@ -441,8 +488,7 @@ def evaluate_model(path, label, benches, args, out_samples):
     policy, tok = model_lib.load(path, dtype=dtype, device=device)
     policy.eval()
     model_path = model_lib.resolve(path)
-    prompts_of = {bench: [teacher.student_prompt_ids(tok, r["problem"]) for r in rows]  # P lists of ids
-                  for bench, rows in benches.items()}
+    prompts_of = student_prompts(tok, benches, enable_thinking)
     longest = max(len(p) for ps in prompts_of.values() for p in ps)
     # vLLM sizes its KV cache for max_model_len tokens per sequence: the longest prompt + the response. On a CPU the
     # cache is sized to hold every sequence of one generate call at once (at most 4 GiB, at least vLLM's 1 GiB
@@ -455,7 +501,8 @@ def evaluate_model(path, label, benches, args, out_samples):
     engine = rollout.make_rollout(args.rollout, model=policy, model_path=model_path, tokenizer=tok, seed=args.seed,
                                   dtype=args.dtype, max_model_len=longest + args.max_new_tokens,
                                   gpu_memory_utilization=args.gpu_memory_utilization,
-                                  kv_cache_gb=min(4.0, max(1.0, kv_gb)))
+                                  kv_cache_gb=min(4.0, max(1.0, kv_gb)),
+                                  log_file=None if args.verbose else os.path.join(args.out, "engine.log"))
     results = {}
     for bench, rows in benches.items():
         prompts = prompts_of[bench]
@@ -581,6 +628,10 @@ def build_parser():
                    help="generation backend (default: vllm wherever it is installed, on GPU or CPU; else hf)")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.5,
                    help="vLLM's share of GPU memory (the transformers copy for the entropy pass needs the rest)")
+    p.add_argument("--thinking", choices=["auto", "true", "false", "default"], default="auto",
+                   help="chat-template thinking mode of the prompts: auto = the student_thinking in the model "
+                        f"folder's {TRAIN_CONFIG} (else the template's default); default = the template's "
+                        "(docs/choices.md, choice 57)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch_problems", type=int, default=8, help="prompts per generate call")
     p.add_argument("--dtype", default="auto",
@@ -590,16 +641,84 @@ def build_parser():
     p.add_argument("--answer_timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds allowed to check one answer")
     p.add_argument("--no_entropy", action="store_true", help="skip the teacher-forced entropy pass")
     p.add_argument("--entropy_batch", type=int, default=4, help="sequences per entropy forward pass")
-    p.add_argument("--entropy_temperature", type=float, default=1.0, help="temperature of the entropy (choice 6)")
+    p.add_argument("--entropy_temperature", type=float, default=1.0,
+                   help="temperature of the entropy (docs/choices.md, choice 54)")
     p.add_argument("--plot_train", nargs="+", default=None, metavar="METRICS.jsonl",
                    help="draw train_curves.png from train.py metrics files; evaluates nothing unless --model is given")
     p.add_argument("--demo", action="store_true", help="print toy values of the metrics and the checker, then exit")
     p.add_argument("--out", default="runs/eval", help="output folder: report.json, samples.jsonl, pass_at_k.png")
+    p.add_argument("--verbose", action="store_true",
+                   help="print vLLM's log lines here instead of appending them to <out>/engine.log "
+                        "(OPSD_VERBOSE=1 does the same, for train.py too)")
     return p
+
+
+def check_args(args):
+    """Every bad flag or path, before anything is loaded or written: SystemExit with one line per problem,
+    `evaluate.py: --flag value: what is allowed`. A --model that is no local folder is looked up last (tokenizer and
+    config only, from the hub or its cache), so that a wrong name fails before any model is evaluated."""
+    inf, errors = float("inf"), []
+
+    def bad(flag, value, allowed):
+        errors.append(f"evaluate.py: --{flag} {value}: {allowed}")
+
+    for flag, low in (("k", 1), ("max_new_tokens", 1), ("batch_problems", 1), ("entropy_batch", 1)):
+        if getattr(args, flag) < low:
+            bad(flag, getattr(args, flag), f"must be >= {low}")
+    if args.n_problems is not None and args.n_problems < 1:
+        bad("n_problems", args.n_problems, "must be >= 1 (leave it out for every problem)")
+    if not 0.0 <= args.temperature < inf:  # written so that nan fails too
+        bad("temperature", args.temperature, "must be a finite number >= 0")
+    if not 0.0 < args.top_p <= 1.0:
+        bad("top_p", args.top_p, "must be in (0, 1] (1: off)")
+    if not 0.0 < args.gpu_memory_utilization <= 1.0:
+        bad("gpu_memory_utilization", args.gpu_memory_utilization, "must be in (0, 1]")
+    if not 0.0 < args.answer_timeout < inf:
+        bad("answer_timeout", args.answer_timeout, "must be a finite number of seconds > 0")
+    if not 0.0 < args.entropy_temperature < inf:
+        bad("entropy_temperature", args.entropy_temperature, "must be a finite number > 0")
+    if args.dtype not in ("auto", "bfloat16", "float16", "float32"):
+        bad("dtype", args.dtype, "choose auto, bfloat16, float16 or float32")
+    for name in args.data or []:
+        if name == "embedded" or name.startswith("embedded:") or (benchmark_name(name) and not os.path.exists(name)):
+            continue
+        ext = os.path.splitext(name)[1].lower()
+        if os.path.isdir(name):
+            bad("data", name, "a folder; give a benchmark name, embedded:test, or a .jsonl, .json or .parquet file")
+        elif os.path.exists(name) and ext not in (".jsonl", ".json", ".parquet"):
+            bad("data", name, f"unknown file type {ext!r}; use .jsonl, .json or .parquet")
+        elif not os.path.exists(name) and (ext in (".jsonl", ".json", ".parquet") or name.startswith((".", "/"))):
+            bad("data", name, f"no such file; give an existing .jsonl, .json or .parquet file, embedded:test, or a "
+                              f"benchmark name ({', '.join(BENCHMARKS)})")
+    for path in args.plot_train or []:
+        if not os.path.isfile(path):
+            bad("plot_train", path, "no such file; give train.py's metrics.jsonl files")
+    hub_names = []
+    for name in args.model or []:
+        path = os.path.expanduser(name)
+        if name == "embedded" or os.path.isdir(path):
+            continue
+        if os.path.exists(path):
+            bad("model", name, "a file; give a model folder or a hub name")
+        elif name.startswith((".", "/", "~")) or name.strip("/").count("/") > 1:  # model.py's rule for local paths
+            bad("model", name, "no such folder; give a model folder (train.py writes OUT_DIR/final) or a hub name")
+        else:
+            hub_names.append(name)
+    if not errors and hub_names:
+        import model as model_lib
+
+        for name in hub_names:
+            try:
+                model_lib.load_tokenizer_and_config(name)
+            except FileNotFoundError:
+                bad("model", name, "no such folder, and no model of that name on the hub (offline: in its cache)")
+    if errors:
+        raise SystemExit("\n".join(errors))
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_args(args)
     if args.demo:
         demo()
         return 0
@@ -621,24 +740,37 @@ def main(argv=None):
         benches[benchmark_name(name) or name] = rows[:args.n_problems] if args.n_problems else rows
 
     # ---- every model on every benchmark ----
+    model_paths = args.model or [None]
+    labels = _labels([p if p is not None else "embedded" for p in model_paths])
+    thinking = {}  # label -> the thinking mode of its prompts, decided for every model before any is loaded
+    for path in model_paths:
+        try:
+            enable, source, warning = thinking_mode(args.thinking, path)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if warning:
+            print(warning, file=sys.stderr)
+        thinking[labels[path if path is not None else "embedded"]] = {"enable_thinking": enable, "source": source}
     if args.rollout is None:
         import rollout
 
         args.rollout = rollout.default_backend()
-    model_paths = args.model or [None]
-    labels = _labels([p if p is not None else "embedded" for p in model_paths])
     results = {}
     with open(os.path.join(args.out, "samples.jsonl"), "w") as out_samples:
         for path in model_paths:
             label = labels[path if path is not None else "embedded"]
-            print(f"evaluating {label} on {', '.join(f'{b} ({len(r)})' for b, r in benches.items())}, k={args.k}")
-            per = evaluate_model(path, label, benches, args, out_samples)
+            mode = thinking[label]
+            print(f"evaluating {label} on {', '.join(f'{b} ({len(r)})' for b, r in benches.items())}, k={args.k}, "
+                  f"enable_thinking={json.dumps(mode['enable_thinking'])} ({mode['source']})")
+            per = evaluate_model(path, label, benches, args, out_samples, enable_thinking=mode["enable_thinking"])
             if len(per) > 1:
                 per["macro"] = macro(per)
             results[label] = per
 
     report = {"config": vars(args), "models": dict(zip(labels.values(), [str(p) for p in model_paths])),
-              "benchmarks": list(benches), "results": results, "paired": paired_differences(results)}
+              "thinking": thinking, "benchmarks": list(benches), "results": results,
+              "paired": paired_differences(results)}
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     plot_pass_at_k(results, os.path.join(args.out, "pass_at_k.png"))

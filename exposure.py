@@ -29,28 +29,16 @@ The learned controller (mode "atesd"), with k a decision made at step t0 = k * H
     loss     = -mean_B A_k * log Beta(u_k; a(s_k), b(s_k))
                + c_ent * mean_B max(0, Entropy(Beta(a(s_k), b(s_k))) - entropy_target)
 
-Where the paper is silent and we chose (keyword arguments of `make_exposure`; the reasons and the measurements
-behind each number are in docs/choices.md, choice 6):
- 1. hold H = 4: one alpha per 4 student updates (25 decisions in 100 steps).
- 2. lookahead L = 3 = H - 1: every loss difference in G_lp is taken under one alpha, and a decision's reward is
-    complete before the next is sampled (exactly on-policy). L >= H works too, without an importance ratio.
- 3. gamma = 0.9: a nearly flat discount over the lookahead (each loss is one noisy batch).
- 4. lambda_gt = 0.1: puts G_lp and G_gt on a comparable scale; both are logged to tune it.
- 5. batch_decisions B = 4: an update every 16 steps; a partial batch at the end is not used.
- 6. MLP 6 -> 32 -> 2, tanh, float64 on CPU, last layer zero (prior Beta(1 + ln 2, 1 + ln 2): mean 0.5, std 0.24);
-    Adam lr 0.02. It needs ~100 steps to learn anything; before that it is its prior.
- 7. alpha in [0.05, 1.0]: full exposure stays reachable, the answer alone never. REINFORCE uses the
-    log-probability of the unclipped sample u_k.
- 8. entropy_target = -0.9 nats (Beta(12, 12)) with c_ent = 0.01: a gentle ceiling on the policy's entropy.
- 9. State features, each O(1) from the first step: progress 2 t/T - 1; EMA of alpha 2 a - 1; the EMAs (decay 0.9)
-    of loss, mismatch and probe NLL as relative change from their first value, clipped to [-5, 5]; 2 c - 1 of the
-    batch-mean confidence. A feature train.py does not measure stays constant (a bias).
-10. A decision whose lookahead runs past the last step, or misses a report, is dropped, never scored on a
-    shortened window (`exposure/dropped`).
-11. Beta samples from our own Marsaglia-Tsang sampler and a private torch.Generator (saved and restored exactly);
-    the MLP in elementwise float64 (no BLAS), so every rank computes the same alphas.
-12. "random" draws alpha uniformly from [alpha_min, alpha_max], held for `hold` steps: the ablation differs from
-    ATESD only in the policy.
+Where the paper is silent and we chose (keyword arguments of `make_exposure`), each an item of the list in
+docs/choices.md, choice 6, with its reasons and measurements: hold H = 4 (item 1); lookahead L = 3 = H - 1, so
+every loss difference in G_lp is taken under one alpha and a reward is complete before the next decision (item 2);
+gamma = 0.9 (item 3); lambda_gt = 0.1, both reward terms logged to tune it (item 4); batch_decisions B = 4, a
+partial batch at the end unused (item 5); MLP 6 -> 32 -> 2, tanh, float64 on CPU, last layer zero (prior mean 0.5,
+std 0.24), Adam lr 0.02, about 100 steps before it learns anything (item 6); alpha in [0.05, 1.0], REINFORCE on the
+unclipped sample u_k (item 7); entropy_target = -0.9 nats with c_ent = 0.01, a gentle ceiling (item 8); state
+features O(1) from the first step (item 9, `BetaController.features`); a decision whose lookahead runs past the
+last step or misses a report is dropped (item 10); a private Beta sampler and an elementwise float64 MLP, the same
+alphas on every rank (item 11); "random" differs from ATESD only in the policy (item 12).
 
 Metrics: exposure/* in docs/metrics.md. The "fixed", "full" and "random" schedules log exposure/alpha only.
 
@@ -218,7 +206,7 @@ class BetaController:
     # ---- the policy -----------------------------------------------------------------------
 
     def features(self, step):
-        """The normalized state s at `step` (a list of N_FEATURES floats; see choice 9)."""
+        """The normalized state s at `step` (a list of N_FEATURES floats; docs/choices.md, choice 6, item 9)."""
 
         def rel(name):  # relative change of an EMA from its first value, clipped
             if self.emas[name] is None:

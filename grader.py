@@ -3,31 +3,14 @@
 One module for training and evaluation: train.py's reward (check_answer), evaluate.py's Avg@k, Pass@k and maj@k, and
 data.py's loader (a user solution's answer is its last box) all grade with these functions.
 
-Choices (the papers are silent on these; each is ours; evaluate.py's docstring numbers its other choices from 5):
- 1. Extraction: the last \\boxed{...} (or \\fbox{...}), braces matched with nesting, so
-    \\boxed{\\frac{1}{2}} gives \\frac{1}{2}; `\\boxed 12` (no braces) takes the run up to the next
-    space or `$` (12, as the MATH graders read it; TeX would box only the 1). A box whose braces never close (a truncated response), or that
-    is empty, is skipped. This is last_boxed, the one extractor, which data.py's loader also uses
-    to take the answer of a user's solution.
- 2. Fallback when there is no box (on by default, `--no_fallback` turns it off): the math span or
-    number right after the last "answer is" / "answer:" (after the last "=" if that sentence is an
-    equation: "the answer is 10 + 2 = 12" gives 12), i.e. an answer the model declared. Small
-    models seldom box their answers; the report gives the strict no-box rate beside the no-answer
-    rate, so the fallback's effect can be read off. We do NOT take "the last number in the text":
-    on truncated responses of the embedded model it scored list numbering ("2. Compute ...") as
-    correct answers, and as a training reward that would pay for rambling.
- 3. Checking: a normalized string comparison first (fast, handles text answers), then math-verify
-    `parse` + `verify` with the gold wrapped as \\boxed{gold} and the prediction as \\boxed{pred}.
-    Parsed golds (and whole verdicts) are cached, because this same function is training's reward.
- 4. Time limit per answer (`timeout`, default 5 s). In the main thread math-verify's own SIGALRM
-    timeout is used (whole seconds). Signals only work in the main thread, so anywhere else
-    (a reward worker thread) the check runs in a helper thread; if it misses its deadline we raise
-    an exception inside that thread (CPython's PyThreadState_SetAsyncExc, the same bytecode-boundary
-    interruption a signal handler gives) and score the answer wrong. A worker *process* runs its
-    tasks in its own main thread, so signals work there. Neither mechanism can stop big-integer
-    arithmetic inside C (8^{8^{8^{8}}} fills the memory first), so answers with power towers, huge
-    exponents or huge factorials (`too_costly`), and answers longer than MAX_ANSWER_CHARS, are
-    compared as strings only.
+Choices (the papers are silent on these; each is ours, with its reasons in docs/choices.md):
+  - Extraction: the last \\boxed{...} (or \\fbox{...}), braces matched with nesting, `\\boxed 12` read as 12; last_boxed
+    is the one extractor, which data.py's loader also uses (docs/choices.md, choice 10).
+  - Fallback when there is no box (`--no_fallback` turns it off): the answer the model declared after the last
+    "answer is" / "answer:", never "the last number in the text" (docs/choices.md, choice 10).
+  - Checking: a normalized string comparison, then math-verify; golds and verdicts cached (docs/choices.md, choice 51).
+  - A time limit per answer (`timeout`, default 5 s) in any thread; answers too costly for any limit are compared as
+    strings only (docs/choices.md, choice 52).
 """
 
 import ctypes
@@ -107,7 +90,8 @@ _MATH_SPAN = re.compile(r"\s*(?:\$\$?|\\\(|\\\[)(.+?)(?:\$\$?|\\\)|\\\])", re.DO
 
 
 def _fallback_answer(text):
-    """Choice 2: after the last "answer is" / "answer:", the math span or number that follows it."""
+    """The fallback: after the last "answer is" / "answer:", the math span or number that follows it
+    (docs/choices.md, choice 10)."""
     hits = list(_ANSWER_IS.finditer(text))
     if not hits:
         return None
@@ -123,7 +107,8 @@ def _fallback_answer(text):
 
 
 def extract_answer(text, *, fallback=True):
-    """The final answer of a response: the last box, else (if fallback) choice 2's guess, else None."""
+    """The final answer of a response: the last box, else (if fallback) the declared answer, else None
+    (docs/choices.md, choice 10)."""
     boxed = last_boxed(text)
     if boxed is not None or not fallback:
         return boxed
@@ -134,7 +119,7 @@ def extract_answer(text, *, fallback=True):
 # answer checking: normalized strings, then math-verify under a time limit
 # ---------------------------------------------------------------------------------------------
 
-MAX_ANSWER_CHARS = 400  # choice 4: longer "answers" are string-compared only
+MAX_ANSWER_CHARS = 400  # longer "answers" are string-compared only (docs/choices.md, choice 52)
 DEFAULT_TIMEOUT = 5.0  # seconds per answer
 
 # math-verify logs every failed parse / timeout (and warns once when its own timeout is off);
@@ -239,13 +224,14 @@ def too_costly(s):
 
 
 def answers_match(pred, gold, *, timeout=DEFAULT_TIMEOUT):
-    """Is the extracted answer `pred` equal to `gold`? String match, then math-verify (choices 3, 4)."""
+    """Is the extracted answer `pred` equal to `gold`? String match, then math-verify under a time limit
+    (docs/choices.md, choice 51; docs/choices.md, choice 52)."""
     if pred is None:
         return False
     if normalize_answer(pred) == normalize_answer(gold):
         return True
     if len(pred) > MAX_ANSWER_CHARS or too_costly(pred):
-        return False  # choice 4: string comparison only
+        return False  # string comparison only (docs/choices.md, choice 52)
     if threading.current_thread() is threading.main_thread():
         # math-verify's own timeout: SIGALRM, whole seconds, main thread only
         seconds = max(1, math.ceil(timeout))

@@ -22,16 +22,11 @@ Who uses what:
   rollout.py  vLLM receives merged_weights() under the base model's parameter names; transformers' generate
               runs the adapted model itself.
 
-Choices (the OPSD paper says only "LoRA, rank 64"):
-  1. alpha defaults to 2 r (s = 2), as in OPSD's runs (r 64, alpha 128).
-  2. No dropout on the adapter's input by default (peft's and TRL's default is 0.05): with dropout the student's
-     training forward is a different function from the one the rollouts were sampled from, so the data would
-     no longer be exactly on-policy (train.py departure 2), and a live or EMA teacher would be a noisy target.
-  3. Targets: the linear projections of the transformer blocks, never lm_head or the embeddings (they are tied
-     in small models, and the chunked loss multiplies by lm_head.weight itself).
-  4. Merged weights are new tensors computed one layer at a time; the training module is never merged in place.
-     Merging and unmerging every step would round W twice (W + d - d != W in floating point) and let the frozen
-     base drift away from the initial policy that the frozen teacher stands for.
+Choices (the OPSD paper says only "LoRA, rank 64"; the reasons are in docs/choices.md):
+  - alpha defaults to 2 r, as in OPSD's runs (docs/choices.md, choice 40).
+  - No dropout on the adapter's input: the data stays exactly on-policy (docs/choices.md, choice 41).
+  - Targets: the projections of the transformer blocks, never lm_head or the embeddings (docs/choices.md, choice 42).
+  - Merged weights are new tensors, one layer at a time; never merged in place (docs/choices.md, choice 43).
 
 Example:
     python lora.py      # a tiny Llama: adapter on/off, merged weights reproduce the adapted forward
@@ -43,7 +38,7 @@ import sys
 
 import torch
 
-# every linear projection of a Llama / Qwen-style block (choice 3)
+# every linear projection of a Llama / Qwen-style block (docs/choices.md, choice 42)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -55,7 +50,8 @@ def add_lora(model, *, r, alpha, dropout=0.0, targets=TARGETS):
 
     bad = [t for t in targets if "lm_head" in t or "embed" in t]
     if bad:
-        raise ValueError(f"LoRA targets {bad}: only the projections of the transformer blocks (choice 3)")
+        raise ValueError(f"LoRA targets {bad}: only the projections of the transformer blocks "
+                         "(docs/choices.md, choice 42)")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
@@ -101,9 +97,10 @@ def merged_weights(model):
     """Stream (name, tensor) over the base model's parameters with every adapted weight merged, W + s * B A, under
     the base model's own names ("model.layers.0.self_attn.q_proj.weight"); A and B themselves are not yielded.
 
-    One layer at a time, into new tensors: the training module keeps its adapter separate (choice 4). A tied
-    output layer comes out as its own entry, lm_head.weight (named_parameters with remove_duplicate=False), the
-    very tensor yielded for the embeddings (gathered once; save_pretrained then stores it once)."""
+    One layer at a time, into new tensors: the training module keeps its adapter separate
+    (docs/choices.md, choice 43). A tied output layer comes out as its own entry, lm_head.weight (named_parameters
+    with remove_duplicate=False), the very tensor yielded for the embeddings (gathered once; save_pretrained then
+    stores it once)."""
     net = model.get_base_model() if is_lora(model) else model
     layers = lora_layers(net)
     named = list(net.named_parameters(remove_duplicate=False))
@@ -120,7 +117,8 @@ def merged_weights(model):
         if sep:
             layer = layers[owner]
             if leaf == "weight" and not layer.disable_adapters:
-                assert not layer.merged, "the training module must never be merged in place (choice 4)"
+                assert not layer.merged, ("the training module must never be merged in place "
+                                          "(docs/choices.md, choice 43)")
                 for a in layer.active_adapters:
                     t = t + full(layer.get_delta_weight(a))  # get_delta_weight(a) = s * B A, (d_out, d_in)
             name = f"{owner}.{leaf}"

@@ -19,8 +19,8 @@ Equations, per response position t (all sums over the vocabulary v):
                 D = beta KL(p_T || m) + (1 - beta) KL(p_S || m)                 (<= log 2 at beta = 0.5)
   OPSD per-entry clip at tau (0.05 in the paper): every summand s_v is replaced by min(s_v, tau) before the sum.
     A clipped entry has no gradient; for beta = 0 the gradient on z_u is -p_T(u) [s_u <= tau] + p_S(u) P_T(unclipped),
-    so a clipped confident teacher token is pushed *down* where p_S(u) < p_T(u) exp(-tau / p_T(u)) (choice 3 of
-    docs/choices.md).
+    so a clipped confident teacher token is pushed *down* where p_S(u) < p_T(u) exp(-tau / p_T(u))
+    (docs/choices.md, choice 3).
   OPSD loss:  L = sum_t mask_t D_t / sum_t mask_t                                 (token mean over the batch)
 
   Top-k support (topk = k, OPSD's top_k_loss; None = the full vocabulary):
@@ -37,35 +37,19 @@ Equations, per response position t (all sums over the vocabulary v):
   DASD KL form:
     L_t = max(w_t, 0) * D_pull_t  -  push_weight * max(-w_t, 0) * min(D_push_t, push_margin)
     D_pull = the OPSD divergence above, D_push = JSD (beta = 0.5, no clip), 0 <= D_push <= log 2
-    (with topk both D_pull and D_push are taken on the top-k support S_t; the router's H_t is not, see 10.)
+    (with topk D_pull and D_push are taken on the top-k support S_t, the router's H_t not: docs/choices.md, choice 33)
   DASD token-advantage form (sampled token y_t):
     d_t = log p_T(y_t) - log p_S(y_t), standardized within the trajectory
     A_t = A_group + coef * w_t * sigmoid(|d_t| - 1) * d_t
   GRPO:
     A_i = (r_i - mean_group(r)) / (std_group(r) + eps),   L = - sum_t mask_t A_t log p_S(y_t) / sum_t mask_t
 
-Departures and choices where the papers are silent:
-  1. All softmax math runs in float32 (float64 stays float64) even for bf16 logits.
-  2. Vocabulary entries with p = 0 (logit -inf) contribute exactly 0 (0 log 0 = 0), guarded with torch.where.
-  3. The clip applies to the whole per-entry summand for every beta (the paper only clips forward KL).
-  4. Token mean over all valid tokens of the batch (not a mean of per-sequence means): every response token
-     counts the same, as in OPSD's and TRL's "batchmean" over unmasked labels. An all-masked batch gives 0.
-  5. DASD quantile: k = min(round(rho * n), n - 1) tokens of a trajectory with n valid tokens are pushed; tau_rho is the
-     midpoint between the k-th and (k+1)-th largest entropy (the largest one if k = 0, so nothing is pushed and
-     a one-token trajectory is plain OPSD). When the entropies of a trajectory are all equal (s_H = 0) the soft
-     gate falls back to the hard one, so there is no division by zero.
-  6. DASD push term: a JSD capped at push_margin = 0.1 nats (about the JSD of a 50/50 and a 90/10 split over two
-     tokens: a change of preference at a fork, not abandoning the teacher); past the margin its gradient is zero.
-     FLOOR: with clip=None the loss is >= -push_weight * push_margin; with the clip, D_pull can dip below 0 (as in
-     OPSD), to -H(p_T) for beta = 0 and -log V in general.
-  7. Token-advantage form: d_t in A_t is the standardized gap (the same d_t as in the filter), so the shaping term
-     has the scale of a GRPO advantage; std is the population std within the trajectory plus 1e-6.
-  8. GRPO std is the population std (a group of one gives advantage 0, not nan).
-  9. The chunked path for large vocabularies (the same losses on hidden @ W.T, never all the logits at once)
-     lives beside this file, in chunked_loss.py, with its tests in tests/test_chunked_loss.py.
- 10. Top-k support: the DASD router keeps the student's FULL-vocabulary entropy H_t (renormalizing over the
-     teacher's k entries would hide a flat tail); only D_pull and D_push use the support. The logged metrics stay
-     full-vocabulary too. The selection is torch.topk of the teacher's logits (ties: torch.topk's choice).
+Where the papers are silent: float32 softmax math (docs/choices.md, choice 29); 0 log 0 = 0
+(docs/choices.md, choice 30); the clip on every beta (docs/choices.md, choice 3); the token mean over the whole
+batch (docs/choices.md, choice 4); DASD's per-response quantile (docs/choices.md, choice 1) and margin-capped push
+(docs/choices.md, choice 2); the token-advantage form's standardized gap (docs/choices.md, choice 31); GRPO's
+population std (docs/choices.md, choice 32); the top-k support under a full-vocabulary router
+(docs/choices.md, choice 33). The chunked path for large vocabularies is chunked_loss.py (docs/choices.md, choice 16).
 
 Run the demo:
     python losses.py
@@ -262,11 +246,13 @@ def entropy_gate(entropy, mask, *, push_fraction=0.2, soft=True):
     return torch.where(mask, gate, torch.zeros_like(gate))  # (B, T)
 
 
-def dasd_token_loss(logp_s, logp_t, gate, *, beta=0.0, clip=0.05, push_weight=1.0, push_margin=0.1):
+def dasd_token_loss(logp_s, logp_t, gate, *, beta=0.0, clip=0.05, push_weight=1.0, push_margin=0.1,
+                    pull_weight=1.0):
     """Per-token DASD KL form. logp_s, logp_t: (..., V), or (..., K) on the top-k support (support_logprobs);
     gate: (...). Returns (loss_t, pull_t, push_t), each (...).
 
-    loss_t = max(gate, 0) * D_pull - push_weight * max(-gate, 0) * min(D_push, push_margin), push_t >= 0.
+    loss_t = pull_weight * max(gate, 0) * D_pull - push_weight * max(-gate, 0) * min(D_push, push_margin),
+    push_t >= 0. pull_weight = 0 leaves the push alone, push_weight = 0 the pull alone (the router's two effects).
     """
     # Each token is either pulled (gate > 0) or pushed (gate < 0), so each divergence is computed only on the
     # rows that use it (about 80% / 20% of them): same values and gradients, much less work over V.
@@ -275,26 +261,27 @@ def dasd_token_loss(logp_s, logp_t, gate, *, beta=0.0, clip=0.05, push_weight=1.
     d_pull = zero.masked_scatter(pos, divergence_from_logprobs(logp_s[pos], logp_t[pos], beta=beta, clip=clip))
     # D_push = JSD(beta=0.5) in [0, log 2]: bounded, unlike KL, so pushing cannot run off to infinity.
     d_push = zero.masked_scatter(neg, divergence_from_logprobs(logp_s[neg], logp_t[neg], beta=0.5))  # (...)
-    pull = gate.clamp(min=0) * d_pull  # (...)
+    pull = pull_weight * gate.clamp(min=0) * d_pull  # (...)
     # clamp(max=margin) is flat past the margin: zero gradient once the student is far enough from the teacher.
     push = push_weight * (-gate).clamp(min=0) * d_push.clamp(max=push_margin)  # (...) in [0, push_weight*margin]
     return pull - push, pull, push
 
 
 def dasd_loss(student_logits, teacher_logits, mask, *, push_fraction=0.2, soft=True, beta=0.0, clip=0.05,
-              push_weight=1.0, push_margin=0.1, temperature=1.0, topk=None):
+              push_weight=1.0, push_margin=0.1, temperature=1.0, topk=None, pull_weight=1.0):
     """DASD KL form: entropy-routed pull (OPSD divergence) / push (margin-capped JSD). Returns (loss, metrics).
 
     student_logits, teacher_logits: (B, T, V), mask: (B, T). Floor: loss >= -push_weight * push_margin when
-    clip=None (see the module docstring for the clipped case).
+    clip=None (the clipped case: docs/choices.md, choice 2).
     topk: D_pull and D_push are taken on the teacher's top-k entries, both sides renormalized over them; the
-    router still reads the student's FULL-vocabulary entropy (module docstring, 10), and the metrics stay full.
+    router still reads the student's FULL-vocabulary entropy (docs/choices.md, choice 33), and the metrics stay full.
     """
     logp_s, logp_t, loss_s, loss_t = _loss_logprobs(student_logits, teacher_logits, temperature, topk)
     ent = entropy_from_logprobs(logp_s.detach())  # (B, T) full vocabulary; detached: the router is not trained
     gate = entropy_gate(ent, mask, push_fraction=push_fraction, soft=soft)  # (B, T)
     loss_t, pull_t, push_t = dasd_token_loss(loss_s, loss_t, gate.to(loss_s.dtype), beta=beta, clip=clip,
-                                             push_weight=push_weight, push_margin=push_margin)  # (B, T) each
+                                             push_weight=push_weight, push_margin=push_margin,
+                                             pull_weight=pull_weight)  # (B, T) each
     loss = masked_token_mean(loss_t, mask)
     metrics = _log_metrics(logp_s, logp_t, mask)
     metrics.update(_gate_metrics(gate, pull_t, push_t, mask))
@@ -345,6 +332,18 @@ def dasd_token_advantages(logp_s, logp_t, entropy, mask, *, push_fraction=0.2, s
     return adv, metrics
 
 
+@torch.no_grad()  # advantages are constants of the policy-gradient surrogate
+def teacher_free_advantages(logp_s, mask, *, fraction=0.2, magnitude=1.0):
+    """The teacher-free control: A_t = -magnitude on the top `fraction` of each response's tokens by surprisal
+    -log p_S(y_t) (its least likely sampled tokens: the per-response quantile of DASD's router, read on the
+    surprisal instead of the entropy), 0 elsewhere. No teacher is consulted. logp_s, mask: (B, T).
+    Returns (adv (B, T), metrics)."""
+    m = mask.bool()
+    low = entropy_gate(-logp_s.float(), m, push_fraction=fraction, soft=False) < 0  # (B, T) least likely tokens
+    adv = torch.where(low & m, -float(magnitude), 0.0)  # (B, T)
+    return adv, {"adv/frac_negative": masked_token_mean(low.float(), m), "adv/token_mean": masked_token_mean(adv, m)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GRPO baseline and the policy-gradient surrogate
 
@@ -360,6 +359,12 @@ def grpo_advantages(rewards, group_size, *, eps=1e-6):
 def sampled_logprobs(logits, tokens, *, temperature=1.0):
     """log p(y_t) of the sampled tokens. logits (B, T, V), tokens (B, T) -> (B, T) float32."""
     return logprobs(logits, temperature).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+def nll_loss(logits, tokens, mask):
+    """SFT's loss: the token mean of -log p(y_t) of the given tokens (the reference solution's). logits (B, T, V),
+    tokens, mask (B, T) -> a scalar."""
+    return masked_token_mean(-sampled_logprobs(logits, tokens), mask)
 
 
 def policy_gradient_token_loss(logp, advantages):

@@ -10,15 +10,11 @@ The conversion runs once and is cached (default `~/.cache/opsd/SmolLM2-135M-Inst
 `$OPSD_CACHE/SmolLM2-135M-Instruct`). The result is an ordinary Hugging Face folder that both
 transformers and vLLM load.
 
-Choices (none of this is in the papers):
-  1. A model de-quantized from GGUF refuses `save_pretrained` (it remembers its quantization config),
-     so we build a fresh model from the same config without `quantization_config` and copy the
-     weights into it. The weights are the Q4_1 weights de-quantized exactly: the "real pretrained
-     model" here is the quantized one.
-  2. The folder is written to a temporary name and renamed, so an interrupted conversion never
-     leaves a half-written cache that later runs would trust.
-  3. bf16 on disk (~270 MB): it is the fast matmul path on CPUs with AVX-512 BF16 / AMX and on GPUs.
-  4. `trust_remote_code` is off unless asked for: loading a model must not run code from the hub.
+Choices (none of this is in the papers; the reasons are in docs/choices.md):
+  - The GGUF model is de-quantized into a fresh model that can be saved (docs/choices.md, choice 62).
+  - The folder is written to a temporary name and renamed (docs/choices.md, choice 63).
+  - bf16 on disk (docs/choices.md, choice 64).
+  - `trust_remote_code` is off unless asked for (docs/choices.md, choice 65).
 
 Example:
     python model.py            # converts (once) and prints where the folder is, then a greedy answer
@@ -61,7 +57,7 @@ def embedded_model_dir():
     quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
     config = AutoConfig.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # choice 1: a plain float model that can be saved
+        del config.quantization_config  # a plain float model that can be saved (docs/choices.md, choice 62)
     config.dtype = torch.bfloat16
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
@@ -84,7 +80,7 @@ def embedded_model_dir():
         if os.path.exists(out):  # another process won the race
             shutil.rmtree(tmp)
         else:
-            os.replace(tmp, out)  # choice 2: atomic on POSIX
+            os.replace(tmp, out)  # atomic on POSIX (docs/choices.md, choice 63)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -98,11 +94,10 @@ def resolve(name_or_path=None):
     return name_or_path
 
 
-def load(name_or_path=None, *, dtype=torch.float32, device="cpu", trust_remote_code=False,
-         attn_implementation=None):
-    """Returns (model, tokenizer). A missing local folder or unknown hub name is a clear error.
-    attn_implementation: transformers' attention kernel ("sdpa", "eager", ...); None = its default (sdpa)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer_and_config(name_or_path=None, *, trust_remote_code=False):
+    """(tokenizer, model config) without the weights: what the data's length checks need, in a second.
+    A missing local folder or unknown hub name is a clear error (FileNotFoundError)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     path = resolve(name_or_path)
     looks_local = path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]
@@ -110,6 +105,25 @@ def load(name_or_path=None, *, dtype=torch.float32, device="cpu", trust_remote_c
         raise FileNotFoundError(f"model folder not found: {path}")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"cannot load model {path!r}: not a local folder and not reachable on the hub ({e})"
+        ) from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is always masked; any id works
+    return tok, config
+
+
+def load(name_or_path=None, *, dtype=torch.float32, device="cpu", trust_remote_code=False,
+         attn_implementation=None):
+    """Returns (model, tokenizer). A missing local folder or unknown hub name is a clear error.
+    attn_implementation: transformers' attention kernel ("sdpa", "eager", ...); None = its default (sdpa)."""
+    from transformers import AutoModelForCausalLM
+
+    tok, _ = load_tokenizer_and_config(name_or_path, trust_remote_code=trust_remote_code)
+    path = resolve(name_or_path)
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None,
             attn_implementation=attn_implementation,
@@ -118,8 +132,6 @@ def load(name_or_path=None, *, dtype=torch.float32, device="cpu", trust_remote_c
         raise FileNotFoundError(
             f"cannot load model {path!r}: not a local folder and not reachable on the hub ({e})"
         ) from e
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # padding is always masked; any id works
     return model.to(device), tok
 
 

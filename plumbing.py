@@ -6,7 +6,7 @@ In the order of this file:
     combinations that make no sense are refused before any work.
   - init_distributed / all_reduce_sum: one process (python train.py) or torchrun's DDP / FSDP2 group.
   - setup: data, student, teacher, optimizer, exposure schedule and rollout engine (train.Run's fields), resumed
-    from a checkpoint with --resume; load_rows / load_student_and_teacher / add_lora / rollout_context are its
+    from a checkpoint with --resume; load_rows / check_lengths / load_student_and_teacher / add_lora are its
     loading steps, with errors that name the flag, file or row at fault.
   - choose_*: what --dtype, --attn, --chunk_size and --gradient_checkpointing "auto" become on this machine; a
     resumed run keeps the arithmetic it started with (dtype, attention kernel, loss path), and check_resume_config
@@ -84,30 +84,50 @@ def field_docs(cls):
     return docs
 
 
+TEACHERLESS = ("grpo", "sft", "teacher_free")  # the methods that build no teacher and run no teacher forward
+
+
 def check_config(cfg):
-    """Flag combinations that make no sense are errors before any work starts."""
-    errors = []
+    """Flag combinations and values that make no sense are errors before any work starts: every one found, one line
+    each, in one SystemExit. Resolves --exposure auto and --lora_alpha none on the way."""
     if cfg.exposure == "auto":
-        cfg.exposure = "full" if cfg.method in ("grpo", "sft") else "atesd"
-    if cfg.method not in ("opsd", "dasd", "dasd_adv", "grpo", "sft"):
-        errors.append(f"--method {cfg.method!r}: choose opsd, dasd, dasd_adv, grpo or sft")
+        cfg.exposure = "full" if cfg.method in TEACHERLESS else "atesd"
+    errors = method_errors(cfg) + sampling_and_system_errors(cfg) + optimization_errors(cfg)
+    if cfg.lora_r and cfg.lora_alpha is None:
+        cfg.lora_alpha = 2.0 * cfg.lora_r  # computed at run time (and recorded in config.json)
+    if errors:
+        raise SystemExit("train.py: " + "\n  ".join(["invalid flags:"] + errors))
+
+
+INF = float("inf")  # the range checks are written so that nan fails them too
+
+
+def method_errors(cfg):
+    """The method, its teacher and exposure, and the loss's own values."""
+    errors = []
+    if cfg.method not in ("opsd", "dasd", "dasd_adv", "grpo", "sft", "teacher_free"):
+        errors.append(f"--method {cfg.method!r}: choose opsd, dasd, dasd_adv, grpo, sft or teacher_free")
+    if cfg.teacher_context not in ("reference", "wrong"):
+        errors.append(f"--teacher_context {cfg.teacher_context!r}: choose reference or wrong")
+    if cfg.teacher_context != "reference" and cfg.method in TEACHERLESS:
+        errors.append(f"--teacher_context {cfg.teacher_context}: --method {cfg.method} has no teacher")
     if cfg.exposure not in ("full", "fixed", "random", "atesd"):
         errors.append(f"--exposure {cfg.exposure!r}: choose full, fixed, random or atesd")
     if cfg.teacher not in ("frozen", "live", "ema"):
         errors.append(f"--teacher {cfg.teacher!r}: choose frozen, live or ema")
     if cfg.method == "grpo" and cfg.samples_per_prompt < 2:
         errors.append("--method grpo needs --samples_per_prompt >= 2 (advantages are relative to the group)")
-    if cfg.distill_mask_answer and cfg.method not in ("opsd", "dasd", "dasd_adv"):
-        errors.append(f"--distill_mask_answer applies to the losses with a teacher (opsd, dasd, dasd_adv), not "
-                      f"--method {cfg.method}")
+    if cfg.distill_mask_answer and cfg.method not in ("opsd", "dasd", "dasd_adv", "teacher_free"):
+        errors.append(f"--distill_mask_answer applies to the losses on the student's samples (opsd, dasd, dasd_adv, "
+                      f"teacher_free), not --method {cfg.method}")
     if not 0.0 <= cfg.sft_reader_share <= 1.0:
         errors.append(f"--sft_reader_share {cfg.sft_reader_share} must be in [0, 1]")
     if cfg.sft_reader_share > 0 and cfg.method != "sft":
         errors.append(f"--sft_reader_share trains on teacher prompts with the SFT loss; it needs --method sft, "
                       f"not {cfg.method}")
-    if not cfg.teacher_show_answer and cfg.method in ("grpo", "sft"):
+    if not cfg.teacher_show_answer and cfg.method in TEACHERLESS:
         errors.append(f"--teacher_show_answer false: --method {cfg.method} has no teacher")
-    if cfg.method in ("grpo", "sft") and cfg.exposure != "full":
+    if cfg.method in TEACHERLESS and cfg.exposure != "full":
         errors.append(f"--method {cfg.method} uses no teacher, so --exposure must stay 'full' (got {cfg.exposure!r})")
     if not 0.0 <= cfg.alpha <= 1.0:
         errors.append(f"--alpha {cfg.alpha} must be in [0, 1]")
@@ -115,10 +135,22 @@ def check_config(cfg):
         errors.append(f"--beta {cfg.beta} must be in [0, 1]")
     if not 0.0 < cfg.push_fraction < 1.0:
         errors.append(f"--push_fraction {cfg.push_fraction} must be in (0, 1)")
-    if cfg.steps < 1 or cfg.prompts_per_step < 1 or cfg.samples_per_prompt < 1 or cfg.micro_batch < 1:
-        errors.append("--steps, --prompts_per_step, --samples_per_prompt and --micro_batch must be >= 1")
-    if cfg.temperature <= 0:
-        errors.append("--temperature must be > 0 (on-policy distillation needs sampled rollouts)")
+    return errors
+
+
+def sampling_and_system_errors(cfg):
+    """Batch sizes and sampling; dtype, attention, loss path, optimizer, rollout engine, parallelism, LoRA's shape."""
+    errors = []
+    for name in ("steps", "prompts_per_step", "samples_per_prompt", "micro_batch", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"--{name} {getattr(cfg, name)} must be >= 1")
+    if not 0.0 < cfg.temperature < INF:
+        errors.append(f"--temperature {cfg.temperature} must be a finite number > 0 (on-policy distillation needs "
+                      f"sampled rollouts)")
+    if not 0.0 < cfg.top_p <= 1.0:
+        errors.append(f"--top_p {cfg.top_p} must be in (0, 1] (1: off)")
+    if cfg.top_k == 0 or cfg.top_k < -1:
+        errors.append(f"--top_k {cfg.top_k}: use k >= 1 or -1 (off)")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         errors.append(f"--dtype {cfg.dtype!r}: choose auto, bfloat16 or float32")
     if cfg.attn not in ("auto", "sdpa", "eager"):
@@ -131,12 +163,91 @@ def check_config(cfg):
         errors.append(f"--optimizer {cfg.optimizer!r}: choose adamw or sgd")
     if cfg.rollout not in ("auto", "hf", "vllm"):
         errors.append(f"--rollout {cfg.rollout!r}: choose auto, hf or vllm")
+    if cfg.fsdp and cfg.chunk_size > 0:
+        errors.append(f"--fsdp with --chunk_size {cfg.chunk_size}: FSDP2 shards the lm_head the chunked loss multiplies "
+                      f"by; use --chunk_size 0 or -1 (auto: 0 under --fsdp)")
+    if cfg.vllm_tensor_parallel_size < 1:
+        errors.append(f"--vllm_tensor_parallel_size {cfg.vllm_tensor_parallel_size} must be >= 1")
+    if cfg.save_every < -1:
+        errors.append(f"--save_every {cfg.save_every}: use N > 0 (every N steps), 0 (at the end) or -1 (never)")
     if cfg.lora_r < 0 or not 0.0 <= cfg.lora_dropout < 1.0:
         errors.append("--lora_r must be >= 0 and --lora_dropout in [0, 1)")
-    if cfg.lora_r and cfg.lora_alpha is None:
-        cfg.lora_alpha = 2.0 * cfg.lora_r  # computed at run time (and recorded in config.json)
-    if errors:
-        raise SystemExit("train.py: " + "\n  ".join(["invalid flags:"] + errors))
+    return errors
+
+
+def optimization_errors(cfg):
+    """The optimizer, the losses' weights, the exposure controller, memory fractions."""
+    errors = []
+    if cfg.lora_alpha is not None and not 0.0 < cfg.lora_alpha < INF:
+        errors.append(f"--lora_alpha {cfg.lora_alpha} must be a finite number > 0 (none: 2 * --lora_r)")
+    if not 0.0 < cfg.lr < INF:
+        errors.append(f"--lr {cfg.lr} must be a finite number > 0")
+    if not 0.0 <= cfg.weight_decay < INF:
+        errors.append(f"--weight_decay {cfg.weight_decay} must be a finite number >= 0")
+    if not cfg.grad_clip >= 0.0:
+        errors.append(f"--grad_clip {cfg.grad_clip} must be >= 0 (0: no clipping)")
+    if cfg.warmup_steps < 0:
+        errors.append(f"--warmup_steps {cfg.warmup_steps} must be >= 0 (0: no warm-up)")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        errors.append(f"--ema_decay {cfg.ema_decay} must be in [0, 1)")
+    if cfg.clip is not None and not cfg.clip >= 0.0:
+        errors.append(f"--clip {cfg.clip} must be >= 0 (0 or none: no clip)")
+    for name in ("push_weight", "pull_weight"):
+        if not 0.0 <= getattr(cfg, name) < INF:
+            errors.append(f"--{name} {getattr(cfg, name)} must be a finite number >= 0")
+    if cfg.push_margin is not None and not cfg.push_margin > 0.0:
+        errors.append(f"--push_margin {cfg.push_margin} must be > 0 (none: the default in losses.py)")
+    if not -INF < cfg.adv_coef < INF:
+        errors.append(f"--adv_coef {cfg.adv_coef} must be a finite number")
+    for name, low in (("hold", 1), ("lookahead", 1), ("batch_decisions", 2)):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < low:
+            errors.append(f"--{name} {getattr(cfg, name)} must be >= {low} (none: the default in exposure.py)")
+    if cfg.gamma is not None and not 0.0 <= cfg.gamma <= 1.0:
+        errors.append(f"--gamma {cfg.gamma} must be in [0, 1] (none: the default in exposure.py)")
+    if cfg.lambda_gt is not None and not -INF < cfg.lambda_gt < INF:
+        errors.append(f"--lambda_gt {cfg.lambda_gt} must be a finite number (none: the default in exposure.py)")
+    if cfg.controller_lr is not None and not 0.0 < cfg.controller_lr < INF:
+        errors.append(f"--controller_lr {cfg.controller_lr} must be a finite number > 0 "
+                      f"(none: the default in exposure.py)")
+    if not 0.0 < cfg.vllm_gpu_memory_utilization <= 1.0:
+        errors.append(f"--vllm_gpu_memory_utilization {cfg.vllm_gpu_memory_utilization} must be in (0, 1]")
+    if cfg.plan_gpu_gb is not None and not 0.0 < cfg.plan_gpu_gb < INF:
+        errors.append(f"--plan_gpu_gb {cfg.plan_gpu_gb} must be a finite number > 0 (none: the visible GPU's)")
+    return errors
+
+
+def plan(cfg):
+    """train.py --plan: the configuration as it would run on a GPU, the data's lengths, and the per-GPU memory plan
+    of bench/gpu_memory.py for this world size, without loading a model's weights. Returns the exit code: 0 if the
+    step fits the card, 1 if not (a row beyond the context exits with check_lengths' message)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 speaks for all
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+    import gpu_memory
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    gb = cfg.plan_gpu_gb
+    if gb is None and torch.cuda.is_available():
+        gb = torch.cuda.get_device_properties(0).total_memory / (0.99 * 2**30)  # gpu_memory takes 0.99 GiB per GB
+    gb = gb or 80.0
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    print("configuration (flags other than their defaults): " + ", ".join(
+        f"--{k} {v}" for k, v in dataclasses.asdict(cfg).items() if v != defaults[k] and k != "plan"))
+    rows, _, _, longest = load_rows_and_tokenizer(cfg)
+    (ps, i_s), (pt, i_t) = longest["student"], longest["teacher"] or (0, None)
+    print(f"data: {cfg.data}, {len(rows)} rows; longest student prompt {ps} tokens (row {i_s}), sequence "
+          f"{ps + cfg.max_new_tokens}" + (f"; longest teacher prompt {pt} tokens (row {i_t}, widest exposure), "
+                                          f"sequence {pt + cfg.max_new_tokens}" if i_t is not None else "")
+          + f"; context {longest['context']}")
+    flags = [x for f in dataclasses.fields(cfg) if f.name not in ("plan", "plan_gpu_gb")
+             for x in (f"--{f.name}", "none" if getattr(cfg, f.name) is None else str(getattr(cfg, f.name)))]
+    setup, _ = gpu_memory.make_setup(flags + ["--nproc", str(world), "--gpu_gb", str(gb), "--prompt_tokens", str(ps),
+                                             "--teacher_prompt_tokens", str(pt)])
+    pred = gpu_memory.predict(setup)
+    text, fits = gpu_memory.report(pred, f"per-GPU memory plan: {world} process(es) on {gb:.0f} GB cards (the "
+                                         f"auto choices as on a GPU: 'per rank' line)")
+    print(text)
+    return 0 if fits else 1
 
 
 # -----------------------------------------------------------------------------------------------
@@ -178,11 +289,16 @@ def all_reduce_sum(values, device, ddp):
 
 def setup(cfg):
     """Data, student, teacher, optimizer, exposure schedule and rollout engine, built once (resumed from the
-    checkpoint with --resume): the fields of train.Run, as a dict."""
+    checkpoint with --resume): the fields of train.Run, as a dict. The user's cfg is left as asked (Run.asked);
+    Run.cfg is a copy with the auto choices resolved (dtype, attention, chunk size, checkpointing)."""
+    asked, cfg = cfg, dataclasses.replace(cfg)
     if cfg.fsdp and "RANK" not in os.environ:
         raise SystemExit("train.py: --fsdp runs under torchrun, also for one process: "
                          "torchrun --nproc_per_node=N train.py --fsdp ...")
     ddp, rank, world, device = init_distributed(fsdp=cfg.fsdp)
+    if world % cfg.vllm_tensor_parallel_size:
+        raise SystemExit(f"train.py: --vllm_tensor_parallel_size {cfg.vllm_tensor_parallel_size} must divide the "
+                         f"number of processes ({world}): each tensor-parallel group of ranks runs one vLLM engine")
     if cfg.prompts_per_step % world:
         raise SystemExit(f"train.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple of the "
                          f"number of processes ({world}) so that every rank gets the same number of prompts")
@@ -191,7 +307,7 @@ def setup(cfg):
     np.random.seed(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
-    rows = load_rows(cfg)
+    rows, tok, start_path, longest = load_rows_and_tokenizer(cfg)
 
     resume_state = None
     if cfg.resume:
@@ -203,7 +319,6 @@ def setup(cfg):
         check_resume_config(cfg, resume_state["config"], ckpt_dir)
     cfg.dtype = choose_dtype(cfg, device, ddp, resume_state)
     cfg.attn = choose_attn(cfg, device, resume_state)
-    start_path = modellib.resolve(cfg.model)
     student, tok, teacher_model = load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir)
     vocab = student.get_output_embeddings().weight.shape[0]
     cfg.chunk_size = choose_chunk_size(cfg, device, resume_state, vocab)
@@ -214,7 +329,48 @@ def setup(cfg):
     if cfg.teacher == "live" and teacher_model is not None:
         teacher_model = student  # the same parameters, called outside DDP's forward (no grad anyway)
 
-    params = [p for p in student.parameters() if p.requires_grad]  # every parameter, or LoRA's A and B
+    opt, sched, expo = make_optimizer_and_exposure(cfg, student)
+
+    start_step, n_skipped = 0, 0
+    if resume_state is not None:
+        load_optimizer_state(cfg, train_model, opt, resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        expo.load_state_dict(resume_state["exposure"])
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        random.setstate(resume_state["rng"]["python"])
+        start_step, n_skipped = resume_state["step"], resume_state["n_skipped"]
+
+    engine = make_engine(cfg, student, start_path, tok, rank, longest["student"][0] + cfg.max_new_tokens)
+    # a resumed engine starts from the start model's weights: it loads the checkpoint's before it first samples
+    return dict(cfg=cfg, asked=asked, ddp=ddp, rank=rank, world=world, device=device, rows=rows, tok=tok, student=student,
+                train_model=train_model, teacher_model=teacher_model, opt=opt, sched=sched, expo=expo, engine=engine,
+                start_step=start_step, n_skipped=n_skipped, ckpt_dir=ckpt_dir,
+                engine_stale=engine is not None and resume_state is not None)
+
+
+def load_rows_and_tokenizer(cfg):
+    """The training rows (under --teacher_context wrong, each with another row's reference), the tokenizer, the start
+    model's path, and the data's longest prompts: every row checked against the model's context, on every rank,
+    before any collective, so a row beyond it stops all ranks with one message."""
+    rows = load_rows(cfg)
+    if cfg.teacher_context == "wrong":  # the control: each problem's teacher reads another problem's reference
+        try:
+            rows = data.swap_references(rows, seed=cfg.seed)
+        except ValueError as e:
+            raise SystemExit(f"train.py: --data {cfg.data}: {e}") from e
+    start_path = modellib.resolve(cfg.model)
+    try:
+        tok, model_config = modellib.load_tokenizer_and_config(start_path, trust_remote_code=cfg.trust_remote_code)
+    except FileNotFoundError as e:
+        raise SystemExit(f"train.py: {e}") from e
+    rows, longest = check_lengths(cfg, rows, tok, getattr(model_config, "max_position_embeddings", None))
+    return rows, tok, start_path, longest
+
+
+def make_optimizer_and_exposure(cfg, student):
+    """The optimizer over the trained parameters (every one, or LoRA's A and B), its warm-up schedule, and the
+    exposure schedule (the ATESD controller's defaults live in exposure.py)."""
+    params = [p for p in student.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -226,55 +382,85 @@ def setup(cfg):
     if cfg.controller_lr is not None:
         expo_kw["lr"] = cfg.controller_lr
     expo = exposure.make_exposure(cfg.exposure, alpha=cfg.alpha, total_steps=cfg.steps, seed=cfg.seed, **expo_kw)
+    return opt, sched, expo
 
-    start_step, n_skipped = 0, 0
-    if resume_state is not None:
-        load_optimizer_state(cfg, train_model, opt, resume_state["optimizer"])
-        sched.load_state_dict(resume_state["scheduler"])
-        expo.load_state_dict(resume_state["exposure"])
-        torch.set_rng_state(resume_state["rng"]["torch"])
-        random.setstate(resume_state["rng"]["python"])
-        start_step, n_skipped = resume_state["step"], resume_state["n_skipped"]
 
-    # one rollout engine per rank; seeds differ per rank and per step (departure 4)
-    engine = None
-    if cfg.method != "sft":
-        backend = rollout.default_backend() if cfg.rollout == "auto" else cfg.rollout
-        engine = rollout.make_rollout(
-            backend, model=student, model_path=start_path, tokenizer=tok,
-            seed=cfg.seed + (rank // cfg.vllm_tensor_parallel_size if backend == "vllm" else rank),
-            dtype=cfg.dtype, max_model_len=rollout_context(cfg, rows, tok, unwrap(student).config),
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-            tensor_parallel_size=cfg.vllm_tensor_parallel_size, enable_sleep_mode=cfg.vllm_sleep)
-    # a resumed engine starts from the start model's weights: it loads the checkpoint's before it first samples
-    return dict(cfg=cfg, ddp=ddp, rank=rank, world=world, device=device, rows=rows, tok=tok, student=student,
-                train_model=train_model, teacher_model=teacher_model, opt=opt, sched=sched, expo=expo, engine=engine,
-                start_step=start_step, n_skipped=n_skipped, ckpt_dir=ckpt_dir,
-                engine_stale=engine is not None and resume_state is not None)
+def make_engine(cfg, student, start_path, tok, rank, max_model_len):
+    """One rollout engine per rank (None for sft); seeds differ per rank and per step (docs/choices.md, choice 27)."""
+    if cfg.method == "sft":
+        return None
+    backend = rollout.default_backend() if cfg.rollout == "auto" else cfg.rollout
+    return rollout.make_rollout(
+        backend, model=student, model_path=start_path, tokenizer=tok,
+        seed=cfg.seed + (rank // cfg.vllm_tensor_parallel_size if backend == "vllm" else rank),
+        dtype=cfg.dtype, max_model_len=max_model_len,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        tensor_parallel_size=cfg.vllm_tensor_parallel_size, enable_sleep_mode=cfg.vllm_sleep,
+        # vLLM's log lines go to the run folder, not the console (OPSD_VERBOSE=1 keeps them there)
+        log_file=os.path.join(cfg.out_dir, "engine.log" if rank == 0 else f"engine.rank{rank}.log"))
 
 
 # -----------------------------------------------------------------------------------------------
-# Set-up's loading steps: training rows, the student and its teacher, LoRA, the rollout engine's context.
+# Set-up's loading steps: training rows and their lengths against the context, the student and its teacher, LoRA.
 
 
-def rollout_context(cfg, rows, tok, model_config):
-    """vLLM's max_model_len: the longest student prompt of --data plus --max_new_tokens, so that no response is
-    cut short by the engine's context. Every problem is tokenized (one batched call); the chat template is
-    rendered exactly for the longest ones (the template adds a fixed wrapper, give or take a merge at its
-    edges). A clear error if that exceeds the model's own context."""
-    n = [len(x) for x in tok([r["problem"] for r in rows], add_special_tokens=False)["input_ids"]]
-    longest = sorted(range(len(rows)), key=lambda i: -n[i])
-    top = [i for i in longest[:256] if n[i] >= n[longest[0]] - 16]
-    lens = {i: len(teacherlib.student_prompt_ids(tok, rows[i]["problem"], enable_thinking=cfg.student_thinking))
-            for i in top}
-    i_max = max(lens, key=lens.get)
-    need = lens[i_max] + cfg.max_new_tokens
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if limit is not None and need > limit:
-        raise SystemExit(f"train.py: --data {cfg.data} row {i_max}: its student prompt ({lens[i_max]} tokens) plus "
-                         f"--max_new_tokens {cfg.max_new_tokens} is {need} tokens, beyond the model's context "
-                         f"(max_position_embeddings {limit}); lower --max_new_tokens or drop the longest problems")
-    return need
+MARGIN = 16  # tokens: how far the chat template's wrapper may vary in length between rows (a merge at each edge)
+
+
+def prompt_builders(cfg, tok):
+    """{side: (row -> the text the row puts in the prompt, row -> the prompt's exact token ids)} for the student
+    and, for a method with a teacher, the teacher at the widest exposure the schedule can draw (the whole reference,
+    or --alpha under --exposure fixed): a smaller alpha reveals a prefix, so a row that fits there fits always."""
+    alpha = cfg.alpha if cfg.exposure == "fixed" else 1.0
+    sides = {"student": (lambda r: teacherlib.student_messages(r["problem"])[0]["content"],
+                         lambda r: teacherlib.student_prompt_ids(tok, r["problem"], enable_thinking=cfg.student_thinking))}
+    if cfg.method not in TEACHERLESS:
+        kw = dict(alpha=alpha, show_answer=cfg.teacher_show_answer)
+        ref = lambda r: r.get("reference", (r["solution"], r["answer"]))  # "wrong": another row's
+        sides["teacher"] = (
+            lambda r: teacherlib.teacher_messages(r["problem"], *ref(r), **kw)[0]["content"],
+            lambda r: teacherlib.teacher_prompt_ids(tok, r["problem"], *ref(r), **kw,
+                                                    enable_thinking=cfg.teacher_thinking,
+                                                    closed_think=cfg.teacher_closed_think))
+    return sides
+
+
+def check_lengths(cfg, rows, tok, limit):
+    """The data's longest prompts, exactly, and every row's sequences (prompt + --max_new_tokens) checked against
+    the model's context (limit: max_position_embeddings; None = no limit). Every rank runs this on the same rows
+    before any collective, so a row that does not fit stops all of them at once with the same message, naming the
+    row; --skip_bad_rows drops such rows instead (counted).
+
+    The prompts' texts are tokenized in one batched call per side; the chat template, a near-constant wrapper, is
+    rendered exactly only for the rows within MARGIN tokens of the longest or of the limit.
+    Returns (rows, {"student": (tokens, row index), "teacher": (tokens, row index) or None, "context": limit})."""
+    longest, too_long = {"teacher": None, "context": limit}, {}
+    for side, (text, exact) in prompt_builders(cfg, tok).items():
+        est = [len(x) for x in tok([text(r) for r in rows], add_special_tokens=False)["input_ids"]]
+        lens = {i: len(exact(rows[i])) for i, e in enumerate(est) if e >= max(est) - MARGIN}
+        i_max = max(lens, key=lens.get)
+        longest[side] = (lens[i_max], i_max)
+        wrapper = lens[i_max] - est[i_max]  # the template's tokens around the text, measured on the longest row
+        for i, e in enumerate(est):
+            if limit is not None and e + wrapper + cfg.max_new_tokens > limit - MARGIN:
+                n = lens.get(i) or len(exact(rows[i]))
+                if n + cfg.max_new_tokens > limit:
+                    too_long.setdefault(i, (side, n))
+    if too_long and not cfg.skip_bad_rows:
+        i, (side, n) = min(too_long.items())
+        raise SystemExit(
+            f"train.py: --data {cfg.data} row {i} ({rows[i].get('id', i)}): its {side} prompt ({n} tokens) plus "
+            f"--max_new_tokens {cfg.max_new_tokens} is {n + cfg.max_new_tokens} tokens, beyond the model's context "
+            f"(max_position_embeddings {limit}); {len(too_long)} row(s) too long: lower --max_new_tokens, skip them "
+            f"with --skip_bad_rows, or remove them from --data")
+    if too_long:
+        kept = [r for i, r in enumerate(rows) if i not in too_long]
+        if not kept:
+            raise SystemExit(f"train.py: --data {cfg.data}: no row fits the model's context ({limit} tokens)")
+        if is_rank0():
+            print(f"[data] {cfg.data}: skipped {len(too_long)} rows longer than the context ({limit} tokens)")
+        return check_lengths(cfg, kept, tok, limit)
+    return rows, longest
 
 
 def load_rows(cfg):
@@ -290,7 +476,7 @@ def load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir):
     """The student (trained) and the teacher (a frozen copy, an EMA copy, or None for grpo and sft).
     Under LoRA the student is the peft-wrapped model and the frozen / EMA teacher a view of its own network."""
     try:
-        # fp32 master weights (departure 5); bf16 matmuls come from autocast
+        # fp32 master weights (docs/choices.md, choice 11); bf16 matmuls come from autocast
         student, tok = modellib.load(start_path, dtype=torch.float32, device=device,
                                      trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn)
     except FileNotFoundError as e:
@@ -299,9 +485,9 @@ def load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir):
         student = add_lora(cfg, student)
     # the frozen teacher is the *initial* policy, so it is built before resumed weights are loaded
     teacher_model = None
-    if cfg.method not in ("grpo", "sft"):
+    if cfg.method not in TEACHERLESS:
         # under --dtype bfloat16 the frozen copy's linear weights are bf16: bit for bit the same teacher under
-        # autocast, 2 bytes per weight instead of 4 (teacher.py choice 8)
+        # autocast, 2 bytes per weight instead of 4 (docs/choices.md, choice 39)
         teacher_model = teacherlib.make_teacher(student, mode=cfg.teacher,
                                                 linear_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None)
         if resume_state is not None and cfg.teacher == "ema":
@@ -483,8 +669,10 @@ def open_log(run):
                 keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= run.start_step]
         with open(log_path, "w") as f:
             f.writelines(keep)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        asked = dataclasses.asdict(run.asked)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:  # what ran, and the flags resolved from "auto"
+            json.dump({**dataclasses.asdict(cfg), "asked": {k: v for k, v in asked.items() if v != getattr(cfg, k)}},
+                      f, indent=2)
     tb, wb = open_loggers(cfg, run.master)
     return log_path, tb, wb
 
@@ -557,7 +745,7 @@ def maybe_checkpoint(run, done):
     """Every --save_every steps and at the end. Under FSDP the full model, adapter and optimizer states are
     gathered by collectives that every rank joins; rank 0 writes."""
     cfg = run.cfg
-    if not ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+    if cfg.save_every < 0 or not ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
         return
     if run.master or cfg.fsdp:
         model_sd = inference_state_dict(run.train_model)
@@ -572,6 +760,9 @@ def maybe_checkpoint(run, done):
         dist.barrier()
 
 
+TRAIN_CONFIG = "train_config.json"  # the run's flags, saved inside every model folder it writes (ckpt/model, final/)
+
+
 def save_checkpoint(cfg, step, model_sd, adapter_sd, opt_sd, run, out):
     tmp, old = out + ".tmp", out + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -582,6 +773,8 @@ def save_checkpoint(cfg, step, model_sd, adapter_sd, opt_sd, run, out):
     base = module.get_base_model() if lora.is_lora(module) else module
     base.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd, safe_serialization=True)
     run.tok.save_pretrained(os.path.join(tmp, "model"))
+    with open(os.path.join(tmp, "model", TRAIN_CONFIG), "w") as f:  # evaluate.py reads the thinking mode from it
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
     if cfg.lora_r:
         lora.save_adapter(module, os.path.join(tmp, "adapter"), state_dict=adapter_sd)  # what --resume reads
     state = {
@@ -662,9 +855,11 @@ def finish(run):
         run.engine.shutdown()  # frees the vLLM engine (and only a process group that vLLM itself created)
     if run.master:
         final = os.path.join(run.cfg.out_dir, "final")
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(os.path.join(run.cfg.out_dir, "ckpt", "model"), final)
-        print(f"final model: {final}\nmetrics:     {os.path.join(run.cfg.out_dir, 'metrics.jsonl')}")
+        if run.cfg.save_every >= 0:
+            shutil.rmtree(final, ignore_errors=True)
+            shutil.copytree(os.path.join(run.cfg.out_dir, "ckpt", "model"), final)
+            print(f"final model: {final}")
+        print(f"metrics:     {os.path.join(run.cfg.out_dir, 'metrics.jsonl')}")
     if run.ddp:
         dist.barrier()
         run.train_model = None  # DDP's reducer holds the process group: release it before destroying the group

@@ -28,62 +28,37 @@ Two backends, one interface (`make_rollout(...)` -> engine with `generate`, `syn
           sequences (bench/rollout_speed.py), and evaluating 50 problems x 4 samples in fp32 took 84 s
           with vLLM against 320 s with generate.
 
-Choices (the papers say nothing about the sampler):
-  1. The stop token is part of the response: when finish_reason == "stop", token_ids ends with the
-     EOS / end-of-turn token and logprobs has its log-prob. The student is trained on it, so it
-     learns to stop. A response cut by max_new_tokens has finish_reason "length" and truncated=True.
-  2. Stop tokens are passed explicitly: the tokenizer's EOS, the config's EOS ids, and any known
-     end-of-turn token in the vocabulary (<|im_end|> for the embedded SmolLM2, <|eot_id|>, ...).
-     A chat model that ends its turn with <|im_end|> but whose EOS is <|endoftext|> would otherwise
-     run to the length cap.
-  3. logprobs are the *sampling* log-probs: after temperature, top-k and top-p (vLLM
-     logprobs_mode="processed_logprobs"). At temperature 0 (greedy) they are the raw model log-probs.
-     The loss does not use them (it recomputes the student's log-probs with gradients); they are
-     for logging and for checking that sampler and trainer agree.
-  4. Seeds: `generate(seed=s)` makes the call reproducible for a given backend. vLLM seeds sample j
-     of prompt i with s + i*G + j (so a prompt repeated in the batch still gets distinct samples,
-     and the result does not depend on how vLLM batches). HF seeds the whole call with s in a
-     forked RNG (the training RNG is left untouched). The two backends give different samples for
-     the same seed. seed=None draws from the engine's own generator, seeded by `make_rollout(seed=...)`
-     (vLLM: its sampler RNG; HF: a stream of per-call seeds); the caller offsets it by rank.
-  5. Weight sync goes through vLLM's own weight-loading path: the worker method `reload_weights`
-     (reached with `LLM.collective_rpc`) given an iterator of (name, tensor). The iterator streams
-     one parameter at a time (for FSDP2 each DTensor is gathered with `.full_tensor()` just before
-     it is sent), so no full copy of the model is ever built. Tied embeddings: the output layer is
-     sent as its own entry `lm_head.weight`; without it vLLM's output layer keeps the old weights
-     (the parity test catches this). Then the prefix cache is reset: cached KV blocks were
-     computed with the old weights. Under LoRA (lora.py) the engine receives the merged weights
-     W + s B A under the base model's names, computed layer by layer into new tensors; the training
-     module keeps its adapter separate. The HF backend generates with the adapter on.
-  6. The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set if unset): the weight
-     iterator is handed to the worker directly instead of being pickled to another process, and
-     external_launcher requires it. Without torchrun vLLM then sets up a 1-rank torch.distributed
-     group in the calling process: a script that wants its own group initializes it before
-     make_rollout (vLLM reuses it), and `shutdown()` removes the one vLLM made.
-  7. CPU defaults: an explicit 1 GiB KV cache (`kv_cache_gb`; vLLM's CPU default reserves
-     gpu_memory_utilization x total RAM), eager execution (no torch.compile at engine start).
-     Starting vLLM in-process reseeds the global RNGs and, on CPU, disables torch.set_num_threads;
-     we save and restore both so the training loop is unaffected.
-  8. HF: all B*G sequences go through one `generate` call, prompts left-padded. The sampling
-     log-probs are recorded by a logits processor that applies the temperature/top-k/top-p above
-     itself (generate's own warpers are switched off), so memory stays O(B*V) instead of keeping
-     every step's scores (output_scores keeps T x B x V floats). Under FSDP, generate runs with
-     synced_gpus=True so ranks that finish early keep joining the all-gathers.
+Choices (the papers say nothing about the sampler; each with its reasons in docs/choices.md):
+  - The stop token is part of the response; a response cut by max_new_tokens is truncated=True; logprobs are the
+    *sampling* log-probs, after temperature, top-k and top-p (docs/choices.md, choice 9).
+  - Stop tokens passed explicitly: EOS ids and known end-of-turn tokens (docs/choices.md, choice 44).
+  - Per-request seeds: vLLM seeds sample j of prompt i with s + i*G + j; HF a forked RNG (docs/choices.md, choice 45).
+  - Weight sync through vLLM's `reload_weights`, one parameter at a time, tied lm_head sent, prefix cache reset,
+    each tensor cast to the engine's dtype; under LoRA the merged weights (docs/choices.md, choice 46).
+  - The engine runs in-process, VLLM_ENABLE_V1_MULTIPROCESSING=0 (docs/choices.md, choice 47).
+  - CPU defaults: a 1 GiB KV cache, eager execution; the global RNGs and thread count restored after engine start
+    (docs/choices.md, choice 48).
+  - HF: one `generate` call; a logits processor records the sampling log-probs in O(B*V) memory
+    (docs/choices.md, choice 49).
+  - A quiet console: the engine's log lines go to `log_file` unless OPSD_VERBOSE=1 (docs/choices.md, choice 50).
 
 Example:
     python rollout.py                  # HF backend on the embedded model: 2 prompts x 2 samples
     python rollout.py --rollout vllm   # the same through vLLM (CPU: ~30 s engine start)
 """
 
+import contextlib
+import logging
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
 
 import lora
 
-# tokens that end an assistant turn in common chat templates (choice 2)
+# tokens that end an assistant turn in common chat templates (docs/choices.md, choice 44)
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
@@ -93,7 +68,7 @@ class Sample:
 
     prompt_index: int  # which prompt of the generate() call it answers
     token_ids: list  # response tokens (stop token included when finish_reason == "stop")
-    logprobs: list  # sampling log-prob of each token in token_ids (choice 3)
+    logprobs: list  # sampling log-prob of each token in token_ids (docs/choices.md, choice 9)
     finish_reason: str  # "stop" (a stop token was sampled) or "length" (hit max_new_tokens)
     truncated: bool  # finish_reason == "length"
 
@@ -112,7 +87,7 @@ def default_backend():
 
 
 def stop_token_ids(tokenizer, config=None):
-    """EOS ids of tokenizer and config, plus known end-of-turn tokens in the vocabulary (choice 2)."""
+    """EOS ids of tokenizer and config, plus known end-of-turn tokens in the vocabulary (docs/choices.md, choice 44)."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -192,7 +167,7 @@ class HFRollout:
         self.model, self.tokenizer = model, tokenizer
         self.stop_ids = stop_token_ids(tokenizer, unwrap(model).config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.rng = random.Random(seed)  # draws the seed of calls made with seed=None (choice 4)
+        self.rng = random.Random(seed)  # draws the seed of calls made with seed=None (docs/choices.md, choice 45)
 
     @torch.no_grad()
     def generate(self, prompt_ids, *, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=-1, seed=None):
@@ -211,7 +186,8 @@ class HFRollout:
             input_ids[b, L - len(r) :] = torch.tensor(r)
             attention_mask[b, L - len(r) :] = 1
 
-        # generate's own sampling knobs are all neutral; SampledLogprobs does the processing (choice 8)
+        # generate's own sampling knobs are all neutral; SampledLogprobs does the processing
+        # (docs/choices.md, choice 49)
         recorder = SampledLogprobs(temperature, top_k, top_p)
         neutral = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)  # top_k=0: off (None means 50)
         neutral = neutral if temperature > 0 else dict(do_sample=False)
@@ -275,6 +251,64 @@ def set_vllm_env(on_gpu):
     # which the in-process engine does not start; VLLM_TARGET_DEVICE is a build-time variable.
 
 
+def verbose():
+    """OPSD_VERBOSE=1 (or true/yes): the engine's log lines stay on the console (docs/choices.md, choice 50)."""
+    return os.environ.get("OPSD_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+class EngineLog:
+    """The `vllm` logger's records appended to `path` instead of the console, until `close()`
+    (docs/choices.md, choice 50).
+
+    The logger's previous handlers, level and propagation are put back on close, so a later engine in the same
+    process starts from the state this one found."""
+
+    FORMAT = "%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s"
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.logger = logging.getLogger("vllm")
+        self.saved = (list(self.logger.handlers), self.logger.level, self.logger.propagate)
+        self.handler = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter(self.FORMAT, datefmt="%m-%d %H:%M:%S"))
+        level = os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper()  # vLLM's own level setting
+        for h in self.saved[0]:  # vLLM's console handler, or another engine's file
+            self.logger.removeHandler(h)
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(level)
+        self.logger.propagate = False
+
+    @contextlib.contextmanager
+    def capture_output(self):
+        """File descriptors 1 and 2 (stdout, stderr) appended to the log file for the duration: what prints
+        below Python's logging, as C++ notices do, lands there too. Python's own streams are flushed first."""
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for f in (*saved, fd):
+                os.close(f)
+
+    def close(self):
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+        handlers, level, propagate = self.saved
+        for h in handlers:
+            self.logger.addHandler(h)
+        self.logger.setLevel(level)
+        self.logger.propagate = propagate
+
+
 class VLLMRollout:
     """One vLLM engine in the training process; weights pushed in by sync_weights."""
 
@@ -282,12 +316,16 @@ class VLLMRollout:
 
     def __init__(self, model_path, tokenizer, *, seed=0, dtype="bfloat16", max_model_len=2048,
                  gpu_memory_utilization=0.3, tensor_parallel_size=1, enable_sleep_mode=False,
-                 kv_cache_gb=1.0, enforce_eager=None, max_num_seqs=None, config=None):
+                 kv_cache_gb=1.0, enforce_eager=None, max_num_seqs=None, config=None, log_file=None):
         import numpy as np
 
         on_gpu = torch.cuda.is_available()
         set_vllm_env(on_gpu)
-        from vllm import LLM
+        # the engine's log lines to log_file, set up before vLLM is imported (it logs at import too)
+        # (docs/choices.md, choice 50)
+        own_config = os.environ.get("VLLM_LOGGING_CONFIG_PATH")  # a logging config of the user's own wins
+        self.log = EngineLog(log_file) if log_file and not verbose() and not own_config else None
+        quiet = self.log.capture_output() if self.log is not None else contextlib.nullcontext()
 
         self.stop_ids = stop_token_ids(tokenizer, config)
         self.tp, self.max_model_len = tensor_parallel_size, max_model_len
@@ -295,7 +333,7 @@ class VLLMRollout:
         kwargs = dict(
             model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
-            logprobs_mode="processed_logprobs",  # choice 3: log-probs of the distribution sampled from
+            logprobs_mode="processed_logprobs",  # of the distribution sampled from (docs/choices.md, choice 9)
             generation_config="vllm",  # ignore the checkpoint's sampling defaults; ours are explicit
         )
         if max_num_seqs is not None:
@@ -307,7 +345,7 @@ class VLLMRollout:
             if enforce_eager is not None:
                 kwargs["enforce_eager"] = enforce_eager
         else:
-            kwargs.update(kv_cache_memory_bytes=int(kv_cache_gb * 2**30),  # choice 7
+            kwargs.update(kv_cache_memory_bytes=int(kv_cache_gb * 2**30),  # docs/choices.md, choice 48
                           enforce_eager=True if enforce_eager is None else enforce_eager,
                           # a seeded request whose prompt is split across scheduler steps makes the
                           # runner rewind its torch.Generator, which CPU generators cannot do
@@ -315,14 +353,27 @@ class VLLMRollout:
                           enable_chunked_prefill=False,
                           max_num_batched_tokens=max(max_model_len, 4096))
 
-        # choice 7: engine start reseeds random/numpy/torch and (CPU) disables torch.set_num_threads
+        # engine start reseeds random/numpy/torch and (CPU) disables torch.set_num_threads (docs/choices.md, choice 48)
         rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
                torch.cuda.get_rng_state_all() if on_gpu else None)
         set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
         # single process: vLLM creates a 1-rank process group; under torchrun it reuses the training one
         self.owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        if self.log is not None and os.environ.get("RANK", "0") == "0":
+            print(f"starting the vLLM engine; its log: {self.log.path} (OPSD_VERBOSE=1 prints it here)", flush=True)
         try:
-            self.llm = LLM(**kwargs)
+            with quiet:
+                from vllm import LLM
+                from vllm.config import LoggingConfig
+
+                if self.log is not None:  # vLLM keeps the file handler instead of adding its console one
+                    kwargs["logging_config"] = LoggingConfig(configure_logging=False)
+                self.llm = LLM(**kwargs)
+        except BaseException:
+            if self.log is not None:
+                print(f"the vLLM engine did not start; its log: {self.log.path}", file=sys.stderr, flush=True)
+                self.log.close()
+            raise
         finally:
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(num_threads)
@@ -331,6 +382,8 @@ class VLLMRollout:
             torch.set_rng_state(rng[2])
             if on_gpu:
                 torch.cuda.set_rng_state_all(rng[3])
+        # of the engine's parameters: sync_weights casts to it (docs/choices.md, choice 46)
+        self.dtype = self.llm.model_config.dtype
 
     def generate(self, prompt_ids, *, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=-1, seed=None):
         from vllm import SamplingParams
@@ -359,7 +412,7 @@ class VLLMRollout:
             SamplingParams(
                 n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                 top_k=top_k if top_k and top_k > 0 else 0,  # 0: off
-                seed=None if seed is None else seed + i * n,  # vLLM adds j for sample j (choice 4)
+                seed=None if seed is None else seed + i * n,  # vLLM adds j for sample j (docs/choices.md, choice 45)
                 logprobs=0,  # just the sampled token's log-prob
                 stop_token_ids=self.stop_ids, ignore_eos=False, detokenize=False,
             )
@@ -378,7 +431,8 @@ class VLLMRollout:
 
     @torch.no_grad()
     def named_weights(self, model):
-        """Stream (name, full tensor) pairs of the training model, one parameter at a time (choice 5)."""
+        """Stream (name, full tensor) pairs of the training model, one parameter at a time
+        (docs/choices.md, choice 46)."""
         m = unwrap(model)
         if lora.lora_layers(m):  # LoRA: W + s B A in place of W, the adapter's A and B not sent
             yield from lora.merged_weights(m)
@@ -392,7 +446,10 @@ class VLLMRollout:
 
     def sync_weights(self, model):
         """Push the current training weights into the engine, then drop KV computed with the old ones."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self.named_weights(model)})
+        # in the engine's dtype: the same rounding as vLLM's copy_ into its parameters, no warning
+        # (docs/choices.md, choice 46)
+        weights = ((name, t.to(self.dtype) if t.is_floating_point() else t) for name, t in self.named_weights(model))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
 
     def prompt_logprobs(self, token_ids):
@@ -414,6 +471,8 @@ class VLLMRollout:
             cleanup_dist_env_and_memory()
         else:
             destroy_model_parallel()
+        if self.log is not None:
+            self.log.close()
 
     def sleep(self, level=1):
         """GPU: free the KV cache and offload the weights to CPU memory (level 1) while training runs."""
@@ -430,10 +489,12 @@ class VLLMRollout:
 
 def make_rollout(backend, *, model=None, model_path=None, tokenizer=None, seed=0, dtype="bfloat16",
                  max_model_len=2048, gpu_memory_utilization=0.3, tensor_parallel_size=1,
-                 enable_sleep_mode=False, kv_cache_gb=1.0, enforce_eager=None, max_num_seqs=None):
+                 enable_sleep_mode=False, kv_cache_gb=1.0, enforce_eager=None, max_num_seqs=None, log_file=None):
     """Build a rollout engine. "hf" needs `model` (and `tokenizer`); "vllm" loads `model_path`
     (default: the path `model` was loaded from, else the embedded model). `seed` is used as given:
-    offsetting it by rank is the caller's job (by rank // tensor_parallel_size for tensor parallel)."""
+    offsetting it by rank is the caller's job (by rank // tensor_parallel_size for tensor parallel).
+    `log_file`: where the vLLM engine's log lines go instead of the console, unless OPSD_VERBOSE=1
+    (docs/choices.md, choice 50); None keeps them on the console. The hf backend has no engine log."""
     if backend == "hf":
         if model is None or tokenizer is None:
             raise ValueError("the hf backend generates with a live model: pass model= and tokenizer=")
@@ -453,7 +514,7 @@ def make_rollout(backend, *, model=None, model_path=None, tokenizer=None, seed=0
     return VLLMRollout(model_path, tokenizer, seed=seed, dtype=dtype, max_model_len=max_model_len,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                        enable_sleep_mode=enable_sleep_mode, kv_cache_gb=kv_cache_gb,
-                       enforce_eager=enforce_eager, max_num_seqs=max_num_seqs, config=config)
+                       enforce_eager=enforce_eager, max_num_seqs=max_num_seqs, config=config, log_file=log_file)
 
 
 if __name__ == "__main__":

@@ -21,31 +21,12 @@ What this file computes, per problem x with reference solution y* = (s_1..s_m) (
     answer guard (ATESD reward):  g = (1/|a'|) * sum_j log p_T(a'_j | teacher prompt, "The final
                                    answer is \\boxed{", a'_<j),   a' = tokens of "a}"
 
-Departures / choices where the papers are silent:
- 1. A step is a line of the solution, or a blank-line-separated paragraph when the solution has
-    blank lines; a final bare answer line ("Answer: \\boxed{7}", "\\boxed{7}") is not a step, since
-    the answer is always shown anyway. k = ceil(alpha * m - 1e-9), so float noise such as
-    0.3 * 10 = 3.0000000000000004 does not reveal an extra step.
- 2. The teacher prompt is one user turn: problem, reference (header says whether it is complete,
-    partial, or the answer only), then a transition instruction. Wording is ours.
- 3. enable_thinking goes to the chat template only when it is not None, separately for the student and the
-    teacher; closed_think (train.py --teacher_closed_think) opens the teacher's turn like the student's
-    (Qwen3's first-token mismatch: docs/choices.md, choice 22).
- 4. Batching: every sequence is its own [prompt | response]; prompts are LEFT-padded to a common
-    length P so every response starts at column P, responses are right-padded to T. Explicit
-    position_ids = cumsum(mask) - 1 make each row's positions identical to an unpadded forward.
-    Only the T needed logit rows are computed (logits_to_keep = columns P-1 .. P+T-2).
- 5. answer_logprob scores "a}" after a fixed lead-in "The final answer is \\boxed{" at the start of the
-    teacher's turn. With the answer shown in the prompt (the paper's context) g is a copy signal, flat in alpha on
-    the embedded model; with show_answer=False it measures how far the revealed steps alone lead to the answer,
-    and rises with alpha (docs/choices.md, choice 8; `python experiments/answer_probe.py`). The caller chooses.
- 6. EMA also copies buffers (e.g. rotary inv_freq) from the student; parameters are matched by name.
- 7. Under LoRA (lora.py) the frozen and EMA teachers are the student's own network (LoraTeacher): frozen runs
-    it with the adapter off (the base weights, since B starts at 0); ema keeps an EMA of the adapter's A and B
-    (as OPSD's code: ema(B) ema(A), not ema(B A)), starting at the initial adapter.
- 8. Under bf16 the frozen copy holds its linear weights in bf16 (make_teacher's linear_dtype): autocast would cast
-    them to the same values at every forward, so its outputs are bit for bit the fp32 copy's (tests check it) in
-    half the memory. Embeddings and norms stay fp32; so does the EMA copy, whose updates would round away in bf16.
+Where the papers are silent: what a step is and how many are revealed (docs/choices.md, choice 5); the
+teacher's prompt, one user turn (docs/choices.md, choice 35); thinking mode and the teacher's first token
+(docs/choices.md, choice 22); padded batches that equal unpadded forwards (docs/choices.md, choice 36); the answer
+guard, scored with or without the answer shown (docs/choices.md, choice 8); the EMA copies buffers too
+(docs/choices.md, choice 37); a LoRA student's teacher is its own network (docs/choices.md, choice 38); the frozen
+copy's linear weights in bf16 (docs/choices.md, choice 39).
 
 Example:
     python teacher.py        # prints prompts at several exposures and a teacher-scoring demo
@@ -85,7 +66,7 @@ def reveal(solution, answer, alpha, *, show_answer=True):
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     steps = split_steps(solution)
-    k = math.ceil(alpha * len(steps) - 1e-9)  # the epsilon absorbs float noise (see choice 1)
+    k = math.ceil(alpha * len(steps) - 1e-9)  # the epsilon absorbs float noise (docs/choices.md, choice 5)
     shown = steps[:k]
     if show_answer and not (shown and "\\boxed{" in shown[-1]):  # don't repeat an answer already shown
         shown = shown + [f"Answer: \\boxed{{{answer}}}"]
@@ -166,9 +147,9 @@ def generation_prompt_ids(tokenizer, messages, *, enable_thinking=None):
 
 def teacher_prompt_ids(tokenizer, problem, solution, answer, *, alpha=1.0, enable_thinking=None, show_answer=True,
                        closed_think=False):
-    """closed_think: open the teacher's turn with the template's non-thinking generation prompt (Qwen3: an
-    empty think block) in place of its own, so the teacher scores the response where a non-thinking student
-    generated it (choice 3). The conversation part keeps enable_thinking; a template without thinking is
+    """closed_think: open the teacher's turn with the template's non-thinking generation prompt (Qwen3: an empty
+    think block) in place of its own, so the teacher scores the response where a non-thinking student generated it
+    (docs/choices.md, choice 22). The conversation part keeps enable_thinking; a template without thinking is
     unaffected."""
     messages = teacher_messages(problem, solution, answer, alpha=alpha, show_answer=show_answer)
     ids = chat_ids(tokenizer, messages, enable_thinking=enable_thinking)
@@ -188,7 +169,8 @@ def response_forward(model, prompt_ids, response_ids, *, hidden=False, pad_id=0)
     out:  (B, T, V) logits, or with hidden=True the (B, T, H) final hidden states (after the final
           norm, so out @ lm_head.weight.T == logits), where row t predicts response token t.
     mask: (B, T) bool, True at real response tokens.
-    Grad flows if enabled; `model` may be wrapped (DistributedDataParallel): we only call model(...).
+    Grad flows if enabled; `model` may be wrapped (DistributedDataParallel, FSDP2): we only call model(...),
+    so the wrapper's hooks run; hidden=True reads the inner decoder's output through a forward hook.
     """
     B = len(prompt_ids)
     P = max(len(p) for p in prompt_ids)
@@ -211,10 +193,16 @@ def response_forward(model, prompt_ids, response_ids, *, hidden=False, pad_id=0)
     kwargs = dict(input_ids=input_ids.to(device), attention_mask=attn.to(device),
                   position_ids=position_ids.to(device), use_cache=False)
     if hidden:
-        # ask for no logits at all (an empty index) and take the last hidden state, which this
-        # transformers version returns after the final norm (tested against the logits)
-        out = model(**kwargs, output_hidden_states=True, logits_to_keep=keep[:0])
-        return out.hidden_states[-1][:, keep, :], mask.to(device)  # (B, T, H)
+        # the decoder's output (after its final norm) is the last hidden state: a hook takes it there.
+        # output_hidden_states would keep every layer's hidden state until the forward returns; an empty
+        # logits_to_keep computes no logits
+        last = []
+        hook = decoder(model).register_forward_hook(lambda mod, args, out: last.append(out.last_hidden_state))
+        try:
+            model(**kwargs, output_hidden_states=False, logits_to_keep=keep[:0])
+        finally:
+            hook.remove()
+        return last[0][:, keep, :], mask.to(device)  # (B, T, H)
     out = model(**kwargs, logits_to_keep=keep)
     return out.logits, mask.to(device)  # (B, T, V)
 
@@ -237,13 +225,22 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+def decoder(model):
+    """The causal LM's decoder (transformers' get_decoder(): embeddings, blocks, final norm; no lm_head) inside
+    DistributedDataParallel (.module), a LoraTeacher (.net) and peft (get_base_model()); FSDP2 keeps the class."""
+    model = unwrap(model)
+    model = model.net if isinstance(model, LoraTeacher) else model
+    return (model.get_base_model() if lora.is_lora(model) else model).get_decoder()
+
+
 def make_teacher(student, mode="frozen", linear_dtype=None):
     """frozen: a copy of the initial student, never updated (default);
     live: the student itself (no copy, same weights at every step);
     ema: a copy that ema_update() moves toward the student after each optimizer step.
-    A LoRA student (lora.py) gets no copy: frozen and ema are a LoraTeacher over its own network (choice 7).
-    linear_dtype (frozen copy only): the dtype of its nn.Linear weights, e.g. torch.bfloat16 (choice 8); the
-    embeddings, a tied lm_head and everything else keep the student's dtype. None: an exact copy."""
+    A LoRA student (lora.py) gets no copy: frozen and ema are a LoraTeacher over its own network
+    (docs/choices.md, choice 38). linear_dtype (frozen copy only): the dtype of its nn.Linear weights, e.g.
+    torch.bfloat16 (docs/choices.md, choice 39); the embeddings, a tied lm_head and everything else keep the
+    student's dtype. None: an exact copy."""
     if mode == "live":
         return student
     if mode not in ("frozen", "ema"):
@@ -269,9 +266,9 @@ def linear_weight_copies(model, dtype):
 
 
 class LoraTeacher(torch.nn.Module):
-    """The frozen or EMA teacher of a LoRA student, without a second copy of the weights (choice 7): the
-    student's own peft network, run with its adapter off (frozen) or with the EMA adapter put in (ema) for the
-    duration of one forward. The student is a registered submodule, so parameters() are the student's tensors."""
+    """The frozen or EMA teacher of a LoRA student, without a second copy of the weights: the student's own peft
+    network, run with its adapter off (frozen) or with the EMA adapter put in (ema) for the duration of one forward
+    (docs/choices.md, choice 38). The student is a registered submodule, so parameters() are the student's tensors."""
 
     def __init__(self, student, mode):
         super().__init__()
@@ -351,9 +348,9 @@ ANSWER_LEAD = "The final answer is \\boxed{"
 
 
 def answer_logprob(model, tokenizer, teacher_prompt_ids, answers, *, lead=ANSWER_LEAD):
-    """(B,) mean per-token log-probability of "answer}" after teacher prompt + `lead` (see choice 5).
-    The lead and the scored part are tokenized separately, so the scored tokens are exactly the
-    answer's and the closing brace's, whatever the tokenizer would merge across the boundary."""
+    """(B,) mean per-token log-probability of "answer}" after teacher prompt + `lead`, the answer guard
+    (docs/choices.md, choice 8). The lead and the scored part are tokenized separately, so the scored tokens are
+    exactly the answer's and the closing brace's, whatever the tokenizer would merge across the boundary."""
     lead_ids = tokenizer(lead, add_special_tokens=False)["input_ids"]
     prompts = [list(p) + lead_ids for p in teacher_prompt_ids]
     targets = [tokenizer(f"{a}}}", add_special_tokens=False)["input_ids"] for a in answers]

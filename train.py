@@ -5,40 +5,29 @@ Papers:
   DASD  "Tailoring Teaching to Aptitude: Direction-Adaptive Self-Distillation"            arXiv 2605.22263
   ATESD "Adaptive Teacher Exposure for Self-Distillation in LLM Reasoning"                arXiv 2605.11458
 
-One step of the algorithm (OPSD family), one function each, in the order main() calls them:
+One step of the algorithm (OPSD family), in the order main() calls it; each step is a banner below:
   1. sample_batch         the student samples y ~ p_S(. | x) for a batch of problems x    (rollout.py)
   2. add_teacher_context  the exposure schedule's alpha; the teacher sees x + reveal(y*, alpha)
                                                                                     (exposure.py, teacher.py)
-  3. train_on_batch       teacher forward (no grad) and student forward on the same tokens y; per-token
-                          loss D(p_T || p_S) (OPSD) or entropy-routed pull/push (DASD), token mean over
-                          the global batch; backward, clip, one optimizer step
-                          (microbatch_loss; losses.py, chunked_loss.py)
-  4. sync_weights         mark the rollout engine stale (prepare_engine loads the new weights right before the
+  3. microbatch_loss      teacher forward (no grad) and student forward on the same tokens y; per-token loss
+                          D(p_T || p_S) (OPSD) or entropy-routed pull/push (DASD)     (losses.py, chunked_loss.py)
+  4. train_on_batch       the token mean over the global batch; backward, clip, one optimizer step
+  5. sync_weights         mark the rollout engine stale (prepare_engine loads the new weights right before the
                           next rollout, waking a sleeping engine first) and move the EMA teacher
-  5. observe_controller   tell the exposure controller how the loss moved (its reward arrives L steps later),
+  6. observe_controller   tell the exposure controller how the loss moved (its reward arrives L steps later),
                           with teacher_answer_logprob (its guard) and the step's record (plumbing.step_record)
-  GRPO adds group advantages between 1 and 2 (add_advantages); SFT replaces 1 by the reference solutions.
+  GRPO adds group advantages between 1 and 2 (add_advantages); SFT replaces 1 by the reference solutions; the
+  teacher-free control skips the teacher in 2 and 3.
 
 Run:
   python train.py                                          # embedded SmolLM2-135M + embedded data, CPU
   python train.py --method opsd --exposure full --steps 20 # plain OPSD
   torchrun --nproc_per_node=8 train.py --model Qwen/Qwen3-1.7B ...   # GPUs: README.md has the full commands
 
-Where this file departs from the textbook algorithms (each is a flag):
-  1. Full fine-tuning by default; --lora_r 64 trains LoRA r64 / alpha 128 on every projection of the blocks,
-     as the OPSD runs do (lora.py). The loss code is the same either way; under LoRA the frozen teacher is
-     the student's own network with the adapter off, and vLLM receives the merged weights W + s B A.
-  2. Exactly one optimizer step per rollout batch, so the data is exactly on-policy and no importance
-     ratio or PPO clip is needed (GRPO and the DASD token-advantage form use the plain surrogate).
-  3. The token mean is taken over the valid response tokens of the *global* batch (all micro-batches,
-     all ranks), so one process and N processes with the same global batch take the same step.
-  4. Rollouts are re-seeded every step from (seed, step, rank): a resumed run samples exactly what an
-     uninterrupted run would, with no generator state to carry.
-  5. Parameters stay float32 (the optimizer's master copy); matmuls run in bf16 autocast when the dtype is
-     bfloat16. --dtype auto takes bf16 on a GPU and, on a CPU, whichever of bf16 and fp32 multiplies faster on
-     this machine (measured at start: CPUs without bf16 units emulate it slowly).
-  6. The exposure controller runs identically on every rank from all-reduced statistics, so all
-     ranks use the same alpha without a broadcast.
+Where this file departs from the textbook algorithms: full fine-tuning, fp32 master weights under bf16 autocast
+(docs/choices.md, choice 11); one optimizer step per rollout batch (docs/choices.md, choice 26); the token mean over
+the global batch (docs/choices.md, choice 4); rollouts re-seeded every step (docs/choices.md, choice 27); one
+exposure controller per rank, no broadcast (docs/choices.md, choice 28).
 """
 
 import contextlib
@@ -78,7 +67,8 @@ class Config:
     skip_bad_rows: bool = False
     """Skip (and count) malformed rows of --data instead of stopping with an error."""
     method: str = "dasd"
-    """opsd | dasd (entropy-routed pull/push KL) | dasd_adv (token-advantage form) | grpo | sft."""
+    """opsd | dasd (entropy-routed pull/push KL) | dasd_adv (token-advantage form) | grpo | sft | teacher_free (a
+    control with no teacher: a fixed negative advantage on each response's least likely sampled tokens)."""
     exposure: str = "auto"
     """How much of the reference the teacher sees: full (OPSD) | fixed (--alpha) | random | atesd (learned);
     auto = atesd for the distillation methods, full for grpo and sft (they have no teacher)."""
@@ -95,6 +85,9 @@ class Config:
     teacher_closed_think: bool = False
     """Open the teacher's turn like a non-thinking student's (Qwen3: an empty think block). Off: a thinking teacher
     scores the first token where it would write <think>, as OPSD's code does (docs/choices.md, choice 22)."""
+    teacher_context: str = "reference"
+    """Whose reference the teacher reads: reference (the problem's own) | wrong (another training problem's, at the
+    same exposure: a control, docs/choices.md, choice 25)."""
     teacher_show_answer: bool = True
     """The teacher's context ends with the reference's answer line, as in the papers; false: the revealed steps only,
     a teacher that cannot copy the answer into the student's box (docs/choices.md, choice 23)."""
@@ -145,11 +138,15 @@ class Config:
     clip: typing.Optional[float] = 0.05
     """OPSD per-vocabulary-entry clip tau of the divergence summands (None/0 disables)."""
     push_fraction: float = 0.2
-    """DASD: the top push_fraction of each response's tokens by student entropy are pushed away."""
+    """DASD: the top push_fraction of each response's tokens by student entropy are pushed away. teacher_free: the
+    share of each response's tokens, least likely first, that get its negative advantage."""
     hard_gate: bool = False
     """DASD: use the sign gate instead of the soft tanh gate."""
     push_weight: float = 1.0
-    """DASD: weight of the push (away-from-teacher) term."""
+    """DASD: weight of the push (away-from-teacher) term; 0 leaves the pull alone. teacher_free: the size of its fixed
+    negative advantage."""
+    pull_weight: float = 1.0
+    """DASD: weight of the pull (toward-teacher) term; 0 leaves the push alone."""
     push_margin: typing.Optional[float] = None
     """DASD: cap of the bounded push divergence (None = the default in losses.py)."""
     adv_coef: float = 1.0
@@ -218,15 +215,19 @@ class Config:
     out_dir: str = "runs/default"
     """Folder for metrics.jsonl, checkpoints (ckpt/) and the final model (final/)."""
     save_every: int = 0
-    """Checkpoint every N steps (0: only at the end)."""
+    """Checkpoint every N steps (0: only at the end; -1: never, and no final/: a dry run that writes only logs)."""
     resume: bool = False
     """Continue from out_dir/ckpt exactly where it stopped."""
     tensorboard: bool = False
     """Also log to TensorBoard (out_dir/tb) if it is installed."""
     wandb: typing.Optional[str] = None
     """Also log to this W&B project if wandb is installed."""
-    inject_nan_at_step: int = -1
-    """Testing hook: make the loss of this step NaN to exercise the non-finite guard."""
+    plan: bool = False
+    """Print the resolved configuration, the data's row count and longest student and teacher sequences, and the
+    per-GPU memory plan (bench/gpu_memory.py), then exit without training: non-zero if a row or the step does not
+    fit. Append it to the command you would launch (under torchrun only rank 0 prints; the world size is torchrun's)."""
+    plan_gpu_gb: typing.Optional[float] = None
+    """--plan: the card's memory in GB (default: the visible GPU's, else 80)."""
 
 
 def parse_config(argv=None):
@@ -241,7 +242,8 @@ def parse_config(argv=None):
 @dataclass
 class Run:
     """What every step reads, built once by plumbing.setup (a record, not an object with behaviour)."""
-    cfg: Config
+    cfg: Config                      # the configuration that runs: the flags with their auto choices resolved
+    asked: Config                    # the flags as given
     ddp: bool
     rank: int
     world: int
@@ -265,7 +267,7 @@ class Run:
         return self.rank == 0
 
     def autocast(self):
-        """bf16 matmuls over fp32 master weights (departure 5); a no-op with --dtype float32."""
+        """bf16 matmuls over fp32 master weights (docs/choices.md, choice 11); a no-op with --dtype float32."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
 
 
@@ -329,7 +331,8 @@ def sample_batch(run, my_rows, step):
                     p = teacherlib.teacher_prompt_ids(
                         tok, r["problem"], r["solution"], r["answer"], alpha=float(g.choice(READER_ALPHAS)),
                         enable_thinking=cfg.teacher_thinking, closed_think=cfg.teacher_closed_think)
-            batch.append({"student_prompt": p, "response": resp[: cfg.max_new_tokens], "answer": r["answer"]})
+            resp = resp[: cfg.max_new_tokens]
+            batch.append({"student_prompt": p, "response": resp, "loss_len": len(resp), "answer": r["answer"]})
         return batch, rewards  # never empty: at least the end-of-sequence token
     # the hf backend samples from the live fp32 model (bf16 matmuls under autocast, as training); vLLM holds its own
     # weights in --dtype and needs no autocast
@@ -344,7 +347,11 @@ def sample_batch(run, my_rows, step):
         r = my_rows[smp.prompt_index]
         text = tok.decode(smp.token_ids, skip_special_tokens=True)
         rewards.append(float(grader.check_answer(text, r["answer"])))
-        batch.append({"student_prompt": s_prompt_ids[smp.prompt_index], "response": list(smp.token_ids),
+        response = list(smp.token_ids)
+        # the tokens the loss covers: the whole response, or under --distill_mask_answer the part before its
+        # final-answer span (docs/choices.md, choice 23)
+        n_loss = teacherlib.answer_span_start(tok, response) if cfg.distill_mask_answer else len(response)
+        batch.append({"student_prompt": s_prompt_ids[smp.prompt_index], "response": response, "loss_len": n_loss,
                       "answer": r["answer"], "row": r, "truncated": smp.truncated})
     return [b for b in batch if len(b["response"]) > 0], rewards
 
@@ -363,29 +370,23 @@ def add_advantages(run, batch, rewards):
 
 def add_teacher_context(run, batch, alpha):
     """The teacher sees the problem plus the revealed part of the reference: the first ceil(alpha*m)
-    of its m steps and the final answer (exposure.py, teacher.py)."""
+    of its m steps and the final answer (exposure.py, teacher.py). Every row fits the model's context at any alpha
+    (plumbing.check_lengths checked them all at set-up, on every rank)."""
     if run.teacher_model is None:
         return
-    limit = getattr(plumbing.unwrap(run.student).config, "max_position_embeddings", None)
     for b in batch:
         r = b["row"]
+        solution, answer = r.get("reference", (r["solution"], r["answer"]))  # --teacher_context wrong: another's
         b["teacher_prompt"] = teacherlib.teacher_prompt_ids(
-            run.tok, r["problem"], r["solution"], r["answer"], alpha=alpha, enable_thinking=run.cfg.teacher_thinking,
+            run.tok, r["problem"], solution, answer, alpha=alpha, enable_thinking=run.cfg.teacher_thinking,
             closed_think=run.cfg.teacher_closed_think, show_answer=run.cfg.teacher_show_answer)
-        if run.cfg.distill_mask_answer:  # the loss's tokens: the response up to its final-answer span
-            b["loss_len"] = teacherlib.answer_span_start(run.tok, b["response"])
-        if limit is not None and len(b["teacher_prompt"]) + len(b["response"]) > limit:
-            raise SystemExit(f"train.py: the teacher's sequence for problem {r['problem'][:60]!r} is "
-                             f"{len(b['teacher_prompt'])} prompt + {len(b['response'])} response tokens, beyond the "
-                             f"model's context (max_position_embeddings {limit}); lower --max_new_tokens or "
-                             f"drop problems with the longest reference solutions from --data")
 
 
 # -----------------------------------------------------------------------------------------------
 # Step 3. The loss of one micro-batch. The algorithm lives here; everything else is plumbing.
 
 
-def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autocast):
+def microbatch_loss(cfg, student, teacher_model, lm_head, mb, autocast):
     """Returns (loss as a token mean over this micro-batch, n valid tokens, metrics). The forwards here, the loss
     in one function per family: sft_loss (no teacher), distill_loss (opsd, dasd), advantage_loss (grpo,
     dasd_adv). With --chunk_size the forwards return (B,T,H) hidden states, else (B,T,V) logits."""
@@ -399,7 +400,7 @@ def microbatch_loss(cfg, student, teacher_model, lm_head, tok, mb, alpha, autoca
         return loss, mask.sum().item(), metrics
 
     t_out = None  # teacher: the same network (or its frozen/EMA copy) shown x + the revealed part of y*
-    if cfg.method != "grpo":
+    if teacher_model is not None:
         with autocast():
             # no_grad inside teacher_logits: the teacher is a constant target, and a live teacher
             # (the student itself) must not receive a second gradient path through its own targets
@@ -426,14 +427,11 @@ def matmul_dtype(cfg):
 def sft_loss(cfg, out, mask, responses, lm_head):
     """SFT: the token mean of the NLL of the reference solution's tokens. Returns (loss, metrics)."""
     tgt = response_targets(responses, out.shape[1], out.device)
-    n = mask.sum()
     if cfg.chunk_size > 0:
         loss = chunked_loss.chunked_nll_loss(out.float(), lm_head.weight, tgt, mask, chunk_size=cfg.chunk_size,
                                              matmul_dtype=matmul_dtype(cfg))
     else:
-        logp = torch.log_softmax(out.float(), -1)
-        nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B,T)
-        loss = (nll * mask).sum() / n.clamp(min=1)
+        loss = losses.nll_loss(out, tgt, mask)
     return loss, {"loss/sft_nll": loss.item()}
 
 
@@ -443,20 +441,22 @@ def distill_loss(cfg, s_out, t_out, mask, responses, lm_head, teacher_model):
     n = max(mask.sum().item(), 1.0)
     kw = dict(beta=cfg.beta, clip=cfg.clip or None, temperature=cfg.temperature, topk=cfg.topk,
               **(dasd_kwargs(cfg) if cfg.method == "dasd" else {}))
+    tgt = response_targets(responses, s_out.shape[1], s_out.device)
+    extra = {}
     if cfg.chunk_size > 0:
         mm = matmul_dtype(cfg)
         t_head = teacher_model.get_output_embeddings().weight.detach()  # the teacher's own lm_head
         loss, metrics = chunked_loss.chunked_distill_loss(s_out.float(), lm_head.weight, t_out.float(), t_head, mask,
                                                           method=cfg.method, chunk_size=cfg.chunk_size,
                                                           matmul_dtype=mm, **kw)
-        extra = {}
         if cfg.exposure == "atesd":  # the controller's state features, from the hidden states chunk by chunk
-            extra = student_confidence(s_out.float(), responses, mask, cfg.temperature,
-                                       lm_head.weight.detach().to(mm or lm_head.weight.dtype),
-                                       rows_per_pass=cfg.chunk_size)
+            extra = chunked_loss.student_confidence(s_out.float(), tgt, mask, cfg.temperature,
+                                                    lm_head.weight.detach().to(mm or lm_head.weight.dtype),
+                                                    rows_per_pass=cfg.chunk_size)
     else:
         # the ATESD controller's state features; an extra (B,T,V) softmax, so only when a controller reads them
-        extra = student_confidence(s_out, responses, mask, cfg.temperature) if cfg.exposure == "atesd" else {}
+        if cfg.exposure == "atesd":
+            extra = chunked_loss.student_confidence(s_out, tgt, mask, cfg.temperature)
         loss, metrics = (losses.opsd_loss if cfg.method == "opsd" else losses.dasd_loss)(s_out, t_out, mask, **kw)
     # metrics are token means of this micro-batch; the extra sums are divided by n here to match
     metrics.update({k: v / n for k, v in extra.items()})
@@ -464,24 +464,28 @@ def distill_loss(cfg, s_out, t_out, mask, responses, lm_head, teacher_model):
 
 
 def advantage_loss(cfg, s_out, t_out, mask, mb, lm_head):
-    """GRPO and DASD's token-advantage form: the on-policy policy-gradient surrogate on the sampled tokens, with
-    the group advantage (grpo) or the entropy-routed token advantage (dasd_adv). Returns (loss, metrics)."""
+    """GRPO, DASD's token-advantage form and the teacher-free control: the on-policy policy-gradient surrogate on the
+    sampled tokens, with the group advantage (grpo), the entropy-routed token advantage (dasd_adv) or a fixed
+    negative one on the least likely tokens (teacher_free). Returns (loss, metrics)."""
     responses = [b["response"] for b in mb]
     s_logits = s_out if cfg.chunk_size == 0 else s_out @ lm_head.weight.T
-    extra = student_confidence(s_logits, responses, mask, cfg.temperature) if cfg.exposure == "atesd" else {}
     tgt = response_targets(responses, s_logits.shape[1], s_logits.device)
-    logp_s = torch.log_softmax(s_logits.float() / cfg.temperature, -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    extra = chunked_loss.student_confidence(s_logits, tgt, mask, cfg.temperature) if cfg.exposure == "atesd" else {}
+    logp_s = losses.sampled_logprobs(s_logits, tgt, temperature=cfg.temperature)  # (B,T)
     seq_adv = torch.tensor([b.get("adv", 0.0) for b in mb], dtype=torch.float32, device=logp_s.device)  # (B,)
     metrics = {}
     if cfg.method == "grpo":
         adv = seq_adv[:, None].expand_as(logp_s) * mask  # (B,T)
+    elif cfg.method == "teacher_free":  # no teacher: the student's own least likely tokens are pushed down
+        adv, metrics = losses.teacher_free_advantages(logp_s.detach(), mask, fraction=cfg.push_fraction,
+                                                      magnitude=cfg.push_weight)
     else:
         with torch.no_grad():
-            logp_t = torch.log_softmax(t_out.float() / cfg.temperature, -1).gather(-1, tgt.unsqueeze(-1))
+            logp_t = losses.sampled_logprobs(t_out, tgt, temperature=cfg.temperature)  # (B,T)
             ent = entropy.token_entropy(s_logits.detach(), temperature=cfg.temperature)
         group_adv = seq_adv[:, None].expand_as(logp_s) if cfg.samples_per_prompt > 1 else None
         adv, metrics = losses.dasd_token_advantages(
-            logp_s.detach(), logp_t.squeeze(-1), ent, mask, push_fraction=cfg.push_fraction, soft=not cfg.hard_gate,
+            logp_s.detach(), logp_t, ent, mask, push_fraction=cfg.push_fraction, soft=not cfg.hard_gate,
             coef=cfg.adv_coef, group_adv=group_adv)
     loss, pg_metrics = losses.policy_gradient_loss(logp_s, adv.detach(), mask)
     metrics.update(pg_metrics)
@@ -490,7 +494,8 @@ def advantage_loss(cfg, s_out, t_out, mask, mb, lm_head):
 
 
 def dasd_kwargs(cfg):
-    kw = dict(push_fraction=cfg.push_fraction, soft=not cfg.hard_gate, push_weight=cfg.push_weight)
+    kw = dict(push_fraction=cfg.push_fraction, soft=not cfg.hard_gate, push_weight=cfg.push_weight,
+              pull_weight=cfg.pull_weight)
     if cfg.push_margin is not None:
         kw["push_margin"] = cfg.push_margin
     return kw
@@ -504,40 +509,20 @@ def response_targets(responses, T, device):
     return tgt
 
 
-@torch.no_grad()
-def student_confidence(s_out, responses, mask, temperature, lm_head_weight=None, rows_per_pass=256):
-    """Token sums of the student's NLL of its own sampled tokens and of its top-1 probability.
-
-    s_out: (B,T,V) logits, or with lm_head_weight (V,H) the (B,T,H) hidden states of the chunked path, whose logits
-    are made here. Either way the valid tokens are processed rows_per_pass at a time: an (R,V) softmax, never (B,T,V).
-    """
-    tgt = response_targets(responses, s_out.shape[1], s_out.device).reshape(-1)  # (B*T,)
-    flat = s_out.detach().reshape(-1, s_out.shape[-1])  # (B*T, V or H)
-    rows = mask.bool().reshape(-1).nonzero().squeeze(1)  # (N,)
-    nll = top1 = 0.0
-    for r0 in range(0, rows.numel(), rows_per_pass):
-        r = rows[r0:r0 + rows_per_pass]
-        z = flat[r] if lm_head_weight is None else flat[r].to(lm_head_weight.dtype) @ lm_head_weight.T  # (R,V)
-        logp = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)) / temperature, -1)  # (R,V)
-        nll -= logp.gather(-1, tgt[r].unsqueeze(-1)).sum().item()
-        top1 += logp.max(-1).values.exp().sum().item()
-    return {"student/nll": nll, "student/confidence": top1}
-
-
 # -----------------------------------------------------------------------------------------------
 # Step 4. Update: gradient of the global-batch token mean, clip, non-finite guard, one optimizer step.
 
 
-def train_on_batch(run, batch, alpha, step):
+def train_on_batch(run, batch):
     """Returns (token sums of the loss metrics, local token count, grad norm, whether the step was taken).
 
-    The token mean is over every rank's valid tokens (departure 3): each micro-batch's mean is weighted
-    by its share n_mb / n_global of the global batch. Exactly one optimizer step per rollout batch
-    (departure 2). A non-finite loss or gradient on any rank skips the step on all of them, so NaN is
+    The token mean is over every rank's valid tokens (docs/choices.md, choice 4): each micro-batch's mean is
+    weighted by its share n_mb / n_global of the global batch. Exactly one optimizer step per rollout batch
+    (docs/choices.md, choice 26). A non-finite loss or gradient on any rank skips the step on all of them, so NaN is
     never written into the weights."""
     cfg, student = run.cfg, run.student
     lm_head = student.get_output_embeddings()  # the matrix the chunked loss multiplies by
-    n_local = float(sum(b.get("loss_len", len(b["response"])) for b in batch))
+    n_local = float(sum(b["loss_len"] for b in batch))
     n_global = plumbing.all_reduce_sum({"n": n_local}, run.device, run.ddp)["n"]
     run.opt.zero_grad(set_to_none=True)
     sums = {}
@@ -547,10 +532,7 @@ def train_on_batch(run, batch, alpha, step):
         sync = (not run.ddp) or cfg.fsdp or i == len(mbs) - 1
         ctx = run.train_model.no_sync() if (run.ddp and not cfg.fsdp and not sync) else contextlib.nullcontext()
         with ctx:
-            loss, n_mb, m = microbatch_loss(cfg, run.train_model, run.teacher_model, lm_head, run.tok, mb, alpha,
-                                            run.autocast)
-            if step == cfg.inject_nan_at_step:
-                loss = loss * float("nan")
+            loss, n_mb, m = microbatch_loss(cfg, run.train_model, run.teacher_model, lm_head, mb, run.autocast)
             # DDP averages gradients over ranks, hence the factor world: sum over ranks of
             # (local token sum / global count) is the global token mean
             (loss * (n_mb / max(n_global, 1.0)) * run.world).backward()
@@ -610,20 +592,23 @@ def teacher_answer_logprob(run, batch, alpha):
 def observe_controller(run, step, rec):
     """The controller sees this step; the decision that chose alpha is rewarded L steps later.
     l = the method's own loss (what the student is learning to lower), mismatch = unclipped
-    KL(p_T || p_S), probe = the student's NLL of its own samples (docs/choices.md, choices 6-7)."""
+    KL(p_T || p_S), probe = the student's NLL of its own samples (docs/choices.md, choice 7)."""
     run.expo.report(step, loss=rec.get("loss/total", 0.0), answer_logprob=rec.get("teacher/answer_logprob", 0.0),
                     mismatch=rec.get("kl/teacher_student", 0.0), probe_nll=rec.get("student/nll", 0.0),
                     confidence=rec.get("student/confidence", 0.0))
 
 
 # -----------------------------------------------------------------------------------------------
-# Main: the algorithm, one step per iteration, in the order of the module docstring.
+# Main: the algorithm, one step per iteration, steps 1-6 of the module docstring.
 
 
 def main(argv=None):
     cfg = parse_config(argv)
     plumbing.check_config(cfg)
+    if cfg.plan:
+        raise SystemExit(plumbing.plan(cfg))
     run = Run(**plumbing.setup(cfg))
+    cfg = run.cfg  # what runs: dtype, attention, chunk size and checkpointing resolved
     log = plumbing.open_log(run)
     from tqdm import tqdm
 
@@ -645,7 +630,7 @@ def main(argv=None):
         add_teacher_context(run, batch, alpha)
 
         t0, peak = time.time(), {"rollout": plumbing.cuda_peak_gib(run.device)}
-        sums, n_local, gnorm, finite = train_on_batch(run, batch, alpha, step)
+        sums, n_local, gnorm, finite = train_on_batch(run, batch)
         timings["train"], peak["train"] = time.time() - t0, plumbing.cuda_peak_gib(run.device)
 
         sync_weights(run, finite)

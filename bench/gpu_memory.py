@@ -18,7 +18,7 @@ Responses are taken at their cap (--max_new_tokens): the longest micro-batch is 
 What is counted, per GPU (c = 2 bytes under bf16 autocast, 4 in fp32):
   weights      fp32 master weights, 4 B/parameter (FSDP: / world, plus the gathered root weights (embeddings,
                lm_head) and two gathered blocks, the one computing and the one prefetched)
-  teacher      frozen copy: 4 B/parameter, under --dtype bfloat16 2 B per linear-layer weight (teacher.py choice 8);
+  teacher      frozen copy: 4 B/parameter, under --dtype bfloat16 2 B per linear-layer weight (docs/choices.md, choice 39);
                EMA copy: 4 B/parameter (fp32 running average); live: none; LoRA frozen: none (the adapter switched
                off), LoRA EMA: 4 B per adapter parameter. FSDP does not shard it: each rank holds a whole copy.
   gradients    fp32, one per trained parameter: DDP keeps them in its all-reduce buckets for the whole run
@@ -33,8 +33,9 @@ What is counted, per GPU (c = 2 bytes under bf16 autocast, 4 in fp32):
 The step's dynamic memory is the largest of these moments (B sequences per micro-batch and rank, N_s = B (P_s + T)
 student tokens, N_t = B (P_t + T) teacher tokens, N_r = B T response rows, X = N_r V logits):
   teacher fwd  no_grad: one block's working set at N_t tokens (about N_t (3 c I + 16 H) bytes) and its attention
-               mask, or at the lm_head the teacher's output (logits N_r V c, or hidden states N_r H 4 when chunked)
-               and, under bf16, the bf16 copy autocast makes of an fp32 lm_head (2 V H)
+               mask, or at the lm_head the decoder's output (the last hidden state, N_t H 4; no other layer's is
+               kept), the teacher's output (logits N_r V c, or hidden states N_r H 4 when chunked) and, under bf16,
+               the bf16 copy autocast makes of an fp32 lm_head (2 V H)
   student fwd  the end of the student's forward, inside autocast: its saved activations, its final norm's, both
                sides' outputs, and under bf16 autocast's cached bf16 copies of every weight that requires grad (2 B
                per linear weight and 2 V H for the lm_head, also with checkpointing: autocast keeps them until its
@@ -220,9 +221,9 @@ def resolve(cfg, device):
 
 def predict(s, earlier=False):
     """{"static": {component: bytes}, "moments": {moment: {part: bytes}}, "peak_moment", "total", ...} for one rank.
-    earlier: train.py's defaults before gradient checkpointing, the bf16 frozen teacher and DDP's bucket views
-    existed (no checkpointing, the plain loss on a GPU unless --chunk_size says otherwise, an fp32 teacher copy,
-    the .grad tensors beside DDP's buckets), for comparison."""
+    earlier: the same run without the memory savings of train.py's GPU defaults (no gradient checkpointing,
+    the plain loss on a GPU unless --chunk_size says otherwise, an fp32 teacher copy, the .grad tensors beside DDP's
+    buckets), to show what those savings are worth."""
     import copy
 
     import plumbing
@@ -243,7 +244,7 @@ def predict(s, earlier=False):
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     P = sh.params()
     P_train = sh.lora_params(cfg.lora_r, targets) if lora_on else P
-    teacher_on = cfg.method not in ("grpo", "sft")
+    teacher_on = cfg.method not in plumbing.TEACHERLESS
     trains_head = not lora_on  # LoRA never adapts lm_head or the embeddings
 
     seqs = cfg.prompts_per_step * cfg.samples_per_prompt // world  # sequences per rank and step
@@ -336,7 +337,7 @@ def predict(s, earlier=False):
         loss_peak = bufs + copies + grad_w + rows + hidden
         loss_saved = (4 * V * H if trains_head else 0) + Nr * H * 4
         if cfg.exposure == "atesd" and cfg.method != "sft":
-            # then train.student_confidence: chunk_size rows of logits at a time (the logits, the tempered float32
+            # then chunked_loss.student_confidence: chunk_size rows of logits at a time (the logits, the tempered float32
             # copy, the log-probs), the lm_head's gradient still held, the lm_head in bf16 once more
             R = min(cfg.chunk_size, Nr)
             conf = R * V * (m + 8) + loss_saved + hidden + (2 * V * H if bf16 else 0)
@@ -384,8 +385,8 @@ def predict(s, earlier=False):
         moments["teacher forward"] = {
             "earlier micro-batches' gradients": grads_before,
             "attention mask": mask_bytes(Lt),
-            "one block's working set / the lm_head's bf16 copy and output": max(working_set(Lt, Nt),
-                                                                                 teacher_out + teacher_casts),
+            "one block's working set / at the lm_head: last hidden state, bf16 copy, output": max(
+                working_set(Lt, Nt), 4 * Nt * H + teacher_casts + teacher_out),
         }
     moments["student forward"] = {
         "earlier micro-batches' gradients": grads_before,
@@ -633,7 +634,7 @@ def build_run(cfg, model_cfg):
     if cfg.lora_r:
         student = plumbing.add_lora(cfg, student)
     teacher = None
-    if cfg.method not in ("grpo", "sft"):
+    if cfg.method not in plumbing.TEACHERLESS:
         teacher = teacherlib.make_teacher(student, mode=cfg.teacher,
                                           linear_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None)
     student.train()
@@ -658,7 +659,7 @@ def fake_batch(B, T, Ps, Pt, V, seed=0):
 
     rng = random.Random(seed)
     tok = lambda n: [rng.randrange(3, V) for _ in range(n)]
-    return [{"student_prompt": tok(Ps), "teacher_prompt": tok(Pt), "response": tok(T), "answer": "0"}
+    return [{"student_prompt": tok(Ps), "teacher_prompt": tok(Pt), "response": tok(T), "loss_len": T, "answer": "0"}
             for _ in range(B)]
 
 
@@ -682,7 +683,7 @@ def validate_worker(name, blocks, flags):
     tiny = dict(base, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, vocab_size=512)
     run = build_run(cfg, tiny)
-    train.train_on_batch(run, fake_batch(VALIDATE_B, 16, 8, 12, 512), 1.0, 0)
+    train.train_on_batch(run, fake_batch(VALIDATE_B, 16, 8, 12, 512))
     del run
     gc.collect()
 
@@ -718,7 +719,7 @@ def validate_worker(name, blocks, flags):
     train.microbatch_loss = timed(microbatch_loss, "loss")
     reset()
     try:
-        sums, n_local, gnorm, finite = train.train_on_batch(run, batch, 1.0, 0)
+        sums, n_local, gnorm, finite = train.train_on_batch(run, batch)
     finally:
         teacherlib.teacher_logits, train.microbatch_loss = teacher_logits, microbatch_loss
     phases["backward, optimizer"] = proc_kb("VmHWM") * 1024 - rss0

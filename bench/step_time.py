@@ -278,7 +278,7 @@ def sft_step(args, student, tok, n_body, n_params, ref, bandwidth, autocast):
     def fwd_bwd(c, grouped):  # train.train_on_batch's loop: token-mean weights per micro-batch, one backward each
         opt.zero_grad(set_to_none=True)
         for mb in plumbing.micro_batches(batch, args.sft_micro, grouped):
-            loss, n_mb, _ = train.microbatch_loss(c, student, None, lm_head, tok, mb, 1.0, autocast)
+            loss, n_mb, _ = train.microbatch_loss(c, student, None, lm_head, mb, autocast)
             (loss * (n_mb / n_tok)).backward()
 
     def update():

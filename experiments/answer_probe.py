@@ -1,5 +1,5 @@
 """The ATESD guard g on the embedded model: the teacher's mean log-probability of the reference answer, per exposure,
-with the answer shown in the teacher's prompt and withheld (teacher.py, choice 5; docs/choices.md, choice 8).
+with the answer shown in the teacher's prompt and withheld (docs/choices.md, choice 8).
 
     python experiments/answer_probe.py            # 24 embedded test problems, alpha 0 / 0.5 / 1
     python experiments/answer_probe.py --n 16 --alphas 0 0.25 0.5 0.75 1

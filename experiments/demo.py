@@ -65,8 +65,8 @@ WARM_START = ["--method", "sft", "--steps", "30", "--prompts_per_step", "16", "-
 READER_START = [*WARM_START[:WARM_START.index("--steps")], "--steps", "60",
                 *WARM_START[WARM_START.index("--steps") + 2:], "--sft_reader_share", "0.5"]
 WARM_STARTS = {"format": WARM_START, "reader": READER_START}
-# Pinned when the warm start is built, outside the cache key (runner.PINNED: train.py's defaults when the cached
-# builds were made), so one key keeps building the same model.
+# Pinned when the warm start is built, outside the cache key (runner.PINNED: the plain loss path, optimizer,
+# micro-batch order and attention), so one key keeps building the same model (docs/choices.md, choice 13).
 WARM_START_PINNED = runner.PINNED
 SUMMARY_KEYS = ("start_avg", "trained_avg", "diff", "ci95", "n_problems", "k", "method", "minutes", "machine")
 

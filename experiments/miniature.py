@@ -16,6 +16,11 @@ show; --model embedded starts from SmolLM2-135M-Instruct itself, which scores ~0
     atesd       OPSD loss with the learned Beta-policy exposure controller
     dasd_atesd  DASD (KL form) with the learned exposure
     opsd_random OPSD with alpha drawn uniformly and held as long as ATESD holds its own: ATESD without the policy
+    controls (does the teacher teach?):
+    no_reference     OPSD whose teacher's prompt holds no privileged text (no step, no answer: alpha 0, answer hidden)
+    wrong_reference  OPSD whose teacher reads another training problem's reference
+    teacher_free     no teacher: a fixed negative advantage on each response's least likely sampled tokens
+    dasd_pull        DASD's pull alone (--push_weight 0);  dasd_push: its push alone (--pull_weight 0)
 
 The learning rate is chosen once, for OPSD, on a validation slice held out of the training data
 (never the test split), and reused by every method; then, with that learning rate, the fixed exposure
@@ -87,6 +92,12 @@ METHODS = {
     "atesd": ["--method", "opsd", "--exposure", "atesd"],
     "dasd_atesd": ["--method", "dasd", "--exposure", "atesd"],
     "opsd_random": ["--method", "opsd", "--exposure", "random"],  # ATESD's ablation: same hold, no policy
+    # controls: does the teacher teach? (docs/choices.md, choice 25)
+    "no_reference": ["--method", "opsd", "--exposure", "fixed", "--alpha", "0", "--teacher_show_answer", "false"],
+    "wrong_reference": ["--method", "opsd", "--exposure", "full", "--teacher_context", "wrong"],
+    "teacher_free": ["--method", "teacher_free"],
+    "dasd_pull": ["--method", "dasd", "--exposure", "full", "--push_weight", "0"],
+    "dasd_push": ["--method", "dasd", "--exposure", "full", "--pull_weight", "0"],
 }
 ORDER = ["base"] + list(METHODS)
 WARM_STARTS = {"warmstart": "format", "reader": "reader"}  # --model -> demo.warm_start_recipe's kind
@@ -117,6 +128,9 @@ def build_parser():
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="one dtype for every run of the folder and its warm start; auto: the faster matmul of this "
                         "CPU, measured once at the start and recorded in budget.json (a folder keeps one dtype)")
+    g.add_argument("--start_dtype", default=None, choices=["float32", "bfloat16"],
+                   help="dtype the warm start is built in (default: --dtype); a folder whose start was built in one "
+                        "dtype and trained and evaluated in the other crosses the two numerics (results/numerics)")
     g.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
     g.add_argument("--prompts_per_step", type=int, default=8)
     g.add_argument("--samples_per_prompt", type=int, default=2, help="rollouts per prompt (GRPO needs >= 2)")
@@ -175,14 +189,14 @@ def budget(args):
     if args.distill_args:  # recorded only when set: the folders written before the flag existed keep their budget
         out["distill_args"] = args.distill_args
     if args.model in WARM_STARTS:  # another recipe is another start point
-        out["warm_start_recipe"] = demo.warm_start_recipe(args.dtype, WARM_STARTS[args.model])
+        out["warm_start_recipe"] = demo.warm_start_recipe(args.start_dtype or args.dtype, WARM_STARTS[args.model])
     return out
 
 
 def start_model(args):
     """The model folder (or 'embedded') every run starts from and the 'base' row evaluates."""
     if args.model in WARM_STARTS:
-        return demo.warm_start_dir(demo.warm_start_recipe(args.dtype, WARM_STARTS[args.model]))
+        return demo.warm_start_dir(demo.warm_start_recipe(args.start_dtype or args.dtype, WARM_STARTS[args.model]))
     return args.model
 
 
@@ -239,8 +253,8 @@ def train_cmd(args, method, seed, lr, train_data, out_dir, alpha=None):
            "--samples_per_prompt", str(args.samples_per_prompt), "--micro_batch", str(args.micro_batch),
            "--max_new_tokens", str(args.max_new_tokens),
            "--save_every", str(args.save_every), "--out_dir", out_dir, "--rollout", "auto",  # vLLM where installed
-           # the loss path, optimizer, micro-batches and attention every unit so far ran (train.py's defaults have
-           # changed since)
+           # the loss path, optimizer, micro-batches and attention of every unit, pinned so units stay comparable
+           # (docs/choices.md, choice 17)
            *runner.PINNED]
     if method == "opsd_fixed":
         cmd += ["--alpha", str(args.fixed_alpha if alpha is None else alpha)]
@@ -415,7 +429,7 @@ def summarize(args):
             entry["mean"][key], entry["sd"][key] = mean_sd(vals)
         curves = {}
         for key in CURVES:
-            if key == "exposure/alpha_used" and m in ("sft", "grpo"):
+            if key == "exposure/alpha_used" and m in ("sft", "grpo", "teacher_free"):
                 continue  # no teacher: the logged alpha means nothing
             per = [read_curve(os.path.join(runs_dir, m, f"seed{s}", "train", "metrics.jsonl"), key) for s in seeds]
             steps = sorted(set.intersection(*(set(c) for c in per))) if all(per) else []
@@ -617,6 +631,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     args.out = os.path.abspath(args.out)
     args.dtype = demo.resolve_dtype(args.dtype)  # measured once: every run of the folder gets the same dtype
+    args.start_dtype = args.dtype if args.start_dtype is None else args.start_dtype
     if args.k & (args.k - 1):
         sys.exit(f"--k {args.k}: use a power of two (the Pass@k figure is drawn at k = 1, 2, 4, ...)")
     check_budget(args)
@@ -625,7 +640,7 @@ def main(argv=None):
         return
     train_data, val_data = prepare_data(args)
     if args.model in WARM_STARTS:  # built once, then reused
-        demo.ensure_warm_start(sys.executable, demo.warm_start_recipe(args.dtype, WARM_STARTS[args.model]))
+        demo.ensure_warm_start(sys.executable, demo.warm_start_recipe(args.start_dtype, WARM_STARTS[args.model]))
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)

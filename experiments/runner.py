@@ -11,9 +11,10 @@ if ROOT not in sys.path:
 
 import evaluate  # noqa: E402
 
-# train.py's defaults when the committed runs and the cached warm starts were made: the plain loss on full logits,
-# the per-parameter AdamW, micro-batches in the batch's order, sdpa attention. An experiment that must stay
-# comparable with its committed results (or a warm start that must keep its cache key's meaning) passes these.
+# The loss path, optimizer, micro-batches and attention these experiments run under, pinned so their numbers
+# reproduce: the plain loss on full logits, the per-parameter AdamW, micro-batches in the batch's order, sdpa
+# attention (docs/choices.md, choice 17). An experiment that must stay comparable with its committed results (or a
+# warm start that must keep its cache key's meaning) passes these, whatever train.py's speed defaults.
 PINNED = ["--chunk_size", "0", "--fused_adamw", "false", "--group_by_length", "false", "--attn", "sdpa"]
 
 

@@ -90,25 +90,25 @@ def test_last_boxed():
     assert data.last_boxed("\\boxed{3} then \\boxed{4") == "3"  # an unclosed box is skipped
 
 
-# Cases on which data.py's and evaluate.py's former extractors disagreed (old data / old evaluate in
-# the comment), plus the line-end cases both got wrong. One extractor now reads a box as LaTeX does.
+# How the one extractor (grader.last_boxed, for data.py and evaluate.py alike) reads a box, as LaTeX does: boxes of
+# either kind, arguments without braces, empty boxes, escaped braces and line ends.
 BOXES = [
-    ("\\fbox{7}", "7"),  # None / 7: \fbox is a box too
-    ("\\boxed{5} then \\fbox{6}", "6"),  # 5 / 6: the last box of either kind
-    ("\\boxed 5", "5"),  # None / 5: no braces, the run up to the next space
-    ("\\boxed5", "5"),  # None / 5
-    ("$\\boxed 5$", "5"),  # None / 5
-    ("\\boxed {5}", "5"),  # None / 5: spaces before the group are skipped
-    ("\\boxed 12", "12"),  # None / 12: the whole run, as the MATH graders read it (TeX boxes the 1)
-    ("\\boxed -3", "-3"),  # None / -3: likewise
-    ("\\boxed \\pi", "\\pi"),  # None / \pi: a control word is one token
-    ("\\boxed \\frac12", "\\frac12"),  # None / \frac12
-    ("\\boxed{}", None),  # '' / None: an empty box holds no answer
-    ("\\boxed{ }", None),  # '' / None
-    ("\\boxed{4} and \\boxed{}", "4"),  # '' / 4: an empty last box is skipped
-    ("\\boxed{a \\{ b}", "a \\{ b"),  # None / 'a \{ b': \{ is not a brace
-    ("\\boxed{a\\\\}", "a\\\\"),  # 'a\\' / None: \\ is a line break, the } after it closes the box
-    ("\\boxed\n5", "5"),  # None / None: one line end is a space to LaTeX
+    ("\\fbox{7}", "7"),  # \fbox is a box too
+    ("\\boxed{5} then \\fbox{6}", "6"),  # the last box of either kind
+    ("\\boxed 5", "5"),  # no braces, the run up to the next space
+    ("\\boxed5", "5"),  # likewise, with no space
+    ("$\\boxed 5$", "5"),  # likewise, up to the `$`
+    ("\\boxed {5}", "5"),  # spaces before the group are skipped
+    ("\\boxed 12", "12"),  # the whole run, as the MATH graders read it (TeX boxes the 1)
+    ("\\boxed -3", "-3"),  # likewise
+    ("\\boxed \\pi", "\\pi"),  # a control word is one token
+    ("\\boxed \\frac12", "\\frac12"),  # the run up to the next space, control word included
+    ("\\boxed{}", None),  # an empty box holds no answer
+    ("\\boxed{ }", None),  # nor does a box of spaces
+    ("\\boxed{4} and \\boxed{}", "4"),  # an empty last box is skipped
+    ("\\boxed{a \\{ b}", "a \\{ b"),  # \{ is not a brace
+    ("\\boxed{a\\\\}", "a\\\\"),  # \\ is a line break, the } after it closes the box
+    ("\\boxed\n5", "5"),  # one line end is a space to LaTeX
     ("\\boxed\n\n5", None),  # a blank line is a paragraph break, not an argument
     ("\\boxed}", None),
     ("\\boxed$5$", None),
@@ -330,3 +330,58 @@ def test_hub_name_offline_is_a_clear_error(monkeypatch):
 def test_answer_only_row_gets_a_boxed_solution(tmp_path):
     (row,) = data.load_dataset(write_jsonl(tmp_path / "a.jsonl", [{"problem": "What is 1 + 1?", "answer": 2}]))
     assert (row["answer"], row["solution"]) == ("2", "Answer: \\boxed{2}")
+
+
+# ------------------------------------------------------------------ export of a hub dataset to a local JSONL
+
+OPSD_HUB = "siyanzhao/Openthoughts_math_30k_opsd"
+HUB_RECORDS = [  # the fields of the OPSD training set: problem, solution (its final answer is the last box)
+    {"problem": "Compute 1/2 + 1/4.", "solution": "First \\boxed{2/4} is wrong.\n\nSo the sum is $\\boxed{\\frac{3}{4}}$."},
+    {"problem": "Find x if 2x = 10.", "solution": "Divide by 2: x = 5.\n\n\\boxed{5}"},
+    {"problem": "What is 3^2 + 4^2?", "solution": "9 + 16 = 25, so $\\boxed{25}$.", "Extra": "ignored"},
+]
+
+
+def fake_hub(records, calls):
+    def read_hub(name, split):
+        calls.append((name, split))
+        yield from enumerate(records, 1)
+    return read_hub
+
+
+def test_export_writes_a_jsonl_that_loads_offline(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(data, "_read_hub", fake_hub(HUB_RECORDS, calls))
+    out = tmp_path / "openthoughts_math.jsonl"
+    assert data.main(["--export", OPSD_HUB, "--out", str(out)]) == 0
+    assert calls == [(OPSD_HUB, "train")]
+    assert f"wrote 3 rows of {OPSD_HUB} (train) to {out}" in capsys.readouterr().out
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [set(r) for r in written] == [{"problem", "solution", "answer"}] * 3
+    assert [r["answer"] for r in written] == ["\\frac{3}{4}", "5", "25"]  # the last box of each solution
+    assert [r["solution"] for r in written] == [r["solution"] for r in HUB_RECORDS]
+    monkeypatch.setattr(data, "_read_hub", fake_hub([], calls))  # from here on, no hub
+    rows = data.load_dataset(str(out))
+    assert [(r["problem"], r["solution"], r["answer"]) for r in rows] == \
+        [(r["problem"], r["solution"], a) for r, a in zip(HUB_RECORDS, ["\\frac{3}{4}", "5", "25"])]
+    assert len(calls) == 1 and not os.path.exists(str(out) + ".tmp")
+
+
+def test_export_errors_are_one_line_and_leave_no_file(tmp_path, monkeypatch, capsys):
+    bad = HUB_RECORDS[:1] + [{"problem": "No box here.", "solution": "It is 7."}]
+    monkeypatch.setattr(data, "_read_hub", fake_hub(bad, []))
+    out = tmp_path / "o.jsonl"
+    assert data.main(["--export", OPSD_HUB, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{OPSD_HUB}, row 2, field 'solution': no answer" in err
+    assert not out.exists()
+    assert data.main(["--export", OPSD_HUB, "--out", str(out), "--skip_bad_rows"]) == 0  # training's flag, too
+    assert len(out.read_text().splitlines()) == 1
+    assert data.main(["--export", OPSD_HUB, "--out", str(tmp_path / "o.json")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert data.main(["--export", OPSD_HUB, "--out", str(tmp_path / "no" / "dir" / "o.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot write" in err
+    (tmp_path / "d.jsonl").mkdir()  # the write itself fails: no half file is left behind
+    assert data.main(["--export", OPSD_HUB, "--out", str(tmp_path / "d.jsonl"), "--skip_bad_rows"]) == 2
+    assert "cannot write" in capsys.readouterr().err and not (tmp_path / "d.jsonl.tmp").exists()

@@ -68,7 +68,7 @@ def test_avg_and_pass_curve_by_hand():
 
 
 def test_majority_vote_by_hand():
-    # "1/2" and "\frac{1}{2}" are different strings: grouping is by normalized string (choice 5);
+    # "1/2" and "\frac{1}{2}" are different strings: grouping is by normalized string (docs/choices.md, choice 53);
     # "\dfrac{1}{2}" normalizes to "\frac{1}{2}", "$7$" to "7"
     assert ev.majority_vote(["\\frac{1}{2}", "\\dfrac{1}{2}", "7", None], [True, True, False, False]) == 1.0
     assert ev.majority_vote(["7", "$7$", "\\frac{1}{2}"], [False, False, True]) == 0.0
@@ -138,8 +138,8 @@ def test_one_extractor_for_grading_and_for_loading():
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("\\boxed{a\\\\}", "a\\\\"),  # formerly None: \\ is a line break, not an escaped brace
-    ("\\boxed\n5", "5"),  # formerly None: one line end is a space
+    ("\\boxed{a\\\\}", "a\\\\"),  # \\ is a line break, not an escaped brace: the } closes the box
+    ("\\boxed\n5", "5"),  # one line end is a space, skipped before the argument as TeX does
 ])
 def test_extraction_changes_from_the_former_grader(text, expected):
     assert grader.extract_answer(text, fallback=False) == expected
@@ -451,3 +451,188 @@ def test_paired_differences_of_a_report():
     lo, hi = p["b - a | x"]["ci95"]
     assert 0.0 <= lo <= 62.5 <= hi <= 100.0
     assert "includes 0" not in ev.format_paired(p, 4)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the thinking mode of the prompts follows training's (docs/choices.md, choice 57), with Qwen3's real chat template
+# ---------------------------------------------------------------------------------------------
+
+QWEN3_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+EMPTY_THINK = "<think>\n\n</think>"
+
+
+def qwen3_template():
+    """trl's copy of Qwen3's chat template (trl is in requirements.txt)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("trl")
+    assert spec is not None and spec.origin, "trl is not installed"
+    with open(os.path.join(os.path.dirname(spec.origin), "chat_templates", "qwen3.jinja")) as f:
+        return f.read()
+
+
+def qwen3_model_dir(path, student_thinking="absent"):
+    """A model folder without weights: a byte-level tokenizer (every byte a token, so decoding gives back the exact
+    text, newlines included) with Qwen3's special tokens and chat template, and train.py's train_config.json
+    recording student_thinking (no file for "absent")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(QWEN3_SPECIAL)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = qwen3_template()
+    os.makedirs(path, exist_ok=True)
+    tok.save_pretrained(path)
+    if student_thinking != "absent":
+        with open(os.path.join(path, ev.TRAIN_CONFIG), "w") as f:
+            json.dump({"method": "opsd", "student_thinking": student_thinking, "teacher_thinking": True}, f)
+    return str(path)
+
+
+PROBLEMS = {"bench": [{"problem": "What is 2 + 3?", "answer": "5"}, {"problem": "Solve x + 1 = 4.", "answer": "3"}]}
+
+
+@pytest.mark.parametrize("recorded, think_block", [(False, True), (True, False), (None, False), ("absent", False)])
+def test_prompts_follow_the_recorded_student_thinking(tmp_path, recorded, think_block):
+    from transformers import AutoTokenizer
+
+    import teacher
+
+    folder = qwen3_model_dir(tmp_path / "final", recorded)
+    enable, source, warning = ev.thinking_mode("auto", folder)
+    assert enable == (None if recorded == "absent" else recorded) and warning is None
+    assert source == ("template default" if recorded == "absent" else ev.TRAIN_CONFIG)
+    tok = AutoTokenizer.from_pretrained(folder)
+    prompts = ev.student_prompts(tok, PROBLEMS, enable)["bench"]
+    for row, ids in zip(PROBLEMS["bench"], prompts):
+        assert ids == teacher.student_prompt_ids(tok, row["problem"], enable_thinking=enable)
+        text = tok.decode(ids)
+        assert text.startswith("<|im_start|>user\n" + row["problem"]) and "<|im_start|>assistant\n" in text
+        assert (EMPTY_THINK in text) == think_block
+        assert text.endswith("<|im_start|>assistant\n" + (EMPTY_THINK + "\n\n" if think_block else ""))
+    if recorded is False:  # what train.py's --student_thinking false student saw, not the template's default
+        assert prompts != ev.student_prompts(tok, PROBLEMS)["bench"]
+
+
+@pytest.mark.parametrize("flag, recorded, enable, warns", [
+    ("true", False, True, True), ("false", False, False, False), ("false", True, False, True),
+    ("default", False, None, True), ("default", None, None, False), ("true", None, True, True),
+    ("false", "absent", False, False), ("true", "absent", True, False),
+])
+def test_explicit_thinking_wins_and_warns_when_it_contradicts_the_checkpoint(tmp_path, flag, recorded, enable, warns):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    if recorded != "absent":
+        (folder / ev.TRAIN_CONFIG).write_text(json.dumps({"student_thinking": recorded}))
+    got, source, warning = ev.thinking_mode(flag, str(folder))
+    assert (got, source) == (enable, f"--thinking {flag}")
+    assert (warning is not None) == warns
+    if warns:  # one line naming both values and the file
+        assert "\n" not in warning and f"--thinking {flag}" in warning
+        assert f"student_thinking={json.dumps(recorded)}" in warning and ev.TRAIN_CONFIG in warning
+
+
+def test_thinking_without_a_model_folder():
+    assert ev.thinking_mode("auto", None) == (None, "template default", None)  # the embedded model
+    assert ev.thinking_mode("auto", "Qwen/Qwen3-1.7B") == (None, "template default", None)  # a hub name
+    assert ev.thinking_mode("false", None) == (False, "--thinking false", None)
+
+
+def test_a_broken_train_config_is_a_one_line_error(tmp_path):
+    (tmp_path / ev.TRAIN_CONFIG).write_text('{"student_thinking": fals')
+    with pytest.raises(ValueError, match="train_config.json: cannot read as JSON"):
+        ev.thinking_mode("auto", str(tmp_path))
+    (tmp_path / ev.TRAIN_CONFIG).write_text('{"student_thinking": "no"}')
+    with pytest.raises(ValueError, match="field 'student_thinking'"):
+        ev.thinking_mode("auto", str(tmp_path))
+
+
+def test_main_warns_and_reports_the_thinking_mode_of_every_model(tmp_path, monkeypatch, capsys):
+    a, b = tmp_path / "a" / "final", tmp_path / "b" / "final"
+    for folder, recorded in ((a, False), (b, True)):
+        folder.mkdir(parents=True)
+        (folder / ev.TRAIN_CONFIG).write_text(json.dumps({"student_thinking": recorded}))
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"problem": "What is 2+3?", "answer": "5"}) + "\n")
+    seen = {}
+
+    def fake_evaluate_model(path, label, benches, args, out_samples, enable_thinking=None):  # no model is loaded
+        seen[path] = enable_thinking
+        return {"x": {"avg_at_k": 0.0, "pass_at_k": {"1": 0.0}, "maj_at_k": 0.0, "accuracy_per_problem": [0.0]}}
+
+    monkeypatch.setattr(ev, "evaluate_model", fake_evaluate_model)
+    monkeypatch.setattr(ev, "plot_pass_at_k", lambda results, path: None)
+    base = ["--model", str(a), "--model", str(b), "--data", str(problems), "--rollout", "hf", "--k", "1"]
+    assert ev.main(base + ["--out", str(tmp_path / "auto")]) == 0
+    assert seen == {str(a): False, str(b): True}
+    assert "warning" not in capsys.readouterr().err
+    report = json.loads((tmp_path / "auto" / "report.json").read_text())
+    assert report["thinking"] == {"a/final": {"enable_thinking": False, "source": ev.TRAIN_CONFIG},
+                                  "b/final": {"enable_thinking": True, "source": ev.TRAIN_CONFIG}}
+
+    assert ev.main(base + ["--thinking", "true", "--out", str(tmp_path / "forced")]) == 0
+    assert seen == {str(a): True, str(b): True}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(a) in err[0] and "student_thinking=false" in err[0]  # only a contradicts it
+    report = json.loads((tmp_path / "forced" / "report.json").read_text())
+    assert report["thinking"]["a/final"] == {"enable_thinking": True, "source": "--thinking true"}
+
+
+def test_bad_flags_and_paths_are_one_line_errors_before_any_model_loads(tmp_path, monkeypatch):
+    import model as model_lib
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    def no_hub(name, **kwargs):  # a hub name that does not exist, without asking the hub
+        raise FileNotFoundError(f"cannot load model {name!r}: not a local folder and not reachable on the hub")
+
+    monkeypatch.setattr(ev, "evaluate_model", no_model)
+    monkeypatch.setattr(model_lib, "load_tokenizer_and_config", no_hub)
+    missing, out = tmp_path / "runs" / "nope" / "final", tmp_path / "out"
+    for argv, start in [
+        (["--model", str(missing)], f"evaluate.py: --model {missing}: no such folder; give a model folder"),
+        (["--model", "nobody/nothing"], "evaluate.py: --model nobody/nothing: no such folder, and no model of that "
+                                        "name on the hub"),
+        (["--k", "0"], "evaluate.py: --k 0: must be >= 1"),
+        (["--n_problems", "0"], "evaluate.py: --n_problems 0: must be >= 1"),
+        (["--max_new_tokens", "0"], "evaluate.py: --max_new_tokens 0: must be >= 1"),
+        (["--temperature", "-0.5"], "evaluate.py: --temperature -0.5: must be a finite number >= 0"),
+        (["--top_p", "0"], "evaluate.py: --top_p 0.0: must be in (0, 1]"),
+        (["--top_p", "1.5"], "evaluate.py: --top_p 1.5: must be in (0, 1]"),
+        (["--batch_problems", "0"], "evaluate.py: --batch_problems 0: must be >= 1"),
+        (["--gpu_memory_utilization", "0"], "evaluate.py: --gpu_memory_utilization 0.0: must be in (0, 1]"),
+        (["--data", str(tmp_path / "gone.jsonl")], f"evaluate.py: --data {tmp_path / 'gone.jsonl'}: no such file"),
+        (["--data", str(tmp_path)], f"evaluate.py: --data {tmp_path}: a folder"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            ev.main(argv + ["--out", str(out)])
+        lines = str(e.value).splitlines()
+        assert len(lines) == 1 and lines[0].startswith(start), (argv, str(e.value))
+        assert "Traceback" not in str(e.value)
+    assert not out.exists()  # refused before anything was written
+    with pytest.raises(SystemExit) as e:  # every bad flag at once, one line each
+        ev.main(["--k", "0", "--top_p", "2", "--out", str(out)])
+    assert str(e.value).splitlines() == ["evaluate.py: --k 0: must be >= 1",
+                                         "evaluate.py: --top_p 2.0: must be in (0, 1] (1: off)"]
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"problem": "What is 2+3?", "answer": "5"}) + "\n")
+    ok = ["--model", str(tmp_path), "--data", str(problems), "--data", "embedded:test", "--data", "aime24", "--k", "1",
+          "--temperature", "0", "--top_p", "1", "--gpu_memory_utilization", "1"]
+    assert ev.check_args(ev.build_parser().parse_args(ok)) is None  # the edges of each range are allowed
+
+
+def test_readme_evaluate_command_parses():
+    import shlex
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    start = text.index("python evaluate.py --model runs/")
+    cmd = text[start:text.index("\n```", start)].replace("\\\n", " ")
+    args = ev.build_parser().parse_args(shlex.split(cmd, comments=True)[2:])
+    assert args.data == ["aime24", "aime25"] and args.model[0].endswith("/final")
+    assert args.thinking == "auto"  # the checkpoint's own student_thinking (false in that recipe)

@@ -1,15 +1,14 @@
 """GPU checks (`make gpu-check`): the CUDA paths that CI, on CPU, cannot run. Every test here skips cleanly
 without a GPU (and the vLLM ones without vllm installed), so the suite stays green on CPU.
 
-They train a small random Llama built here (hidden 128, 4 layers) that carries the embedded model's
-tokenizer and chat template, so nothing is downloaded: the tokenizer comes from $OPSD_TOKENIZER_DIR if
-set, else from the embedded model folder (model.py).
+They train a small random Llama built here (hidden 128, 4 layers) with a word-level tokenizer over Qwen3's
+vocabulary (bench/gpu_check.py), so nothing is downloaded or read from a cache: a GPU machine may have only the
+repository. tests/test_gpu_rehearsal.py builds it on a CPU under the GPU machine's conditions.
 """
 
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -22,31 +21,32 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(N_GPU == 0, reason="no CUDA GPU")]
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed")
 needs_2_gpus = pytest.mark.skipif(N_GPU < 2, reason="needs 2 GPUs")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def build_small_model(out):
+    """A small random Llama (hidden 128, 4 blocks) with bench/gpu_check.py's word-level tokenizer: Qwen3's full
+    151,936-entry vocabulary, its special tokens at their ids, a ChatML template. Built from nothing: no hub, no
+    cache, no embedded model (a GPU machine has none of them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import gpu_check
+
+    vocab = 151936
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=gpu_check.QWEN3_SPECIAL["<|endoftext|>"],
+                      eos_token_id=gpu_check.QWEN3_SPECIAL["<|im_end|>"],
+                      pad_token_id=gpu_check.QWEN3_SPECIAL["<|endoftext|>"])
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    gpu_check.build_tokenizer(vocab, out)
+    return str(out)
 
 
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory):
-    """A small random Llama (vocab of the embedded tokenizer) saved as a plain Hugging Face folder."""
-    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
-
-    src = os.environ.get("OPSD_TOKENIZER_DIR")
-    if not src:
-        import model
-
-        src = model.embedded_model_dir()
-    base = AutoConfig.from_pretrained(src)
-    cfg = LlamaConfig(vocab_size=base.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
-                      pad_token_id=getattr(base, "pad_token_id", None))
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("small_llama")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    for f in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(src, f)):
-            shutil.copy(os.path.join(src, f), out / f)
-    return str(out)
+    return build_small_model(tmp_path_factory.mktemp("small_llama"))
 
 
 def run_train(out_dir, *args, nproc=None, timeout=900):

@@ -41,8 +41,14 @@ def test_every_method_command_is_valid_train_config(tmp_path, method):
     expected = {"sft": ("sft", "full"), "grpo": ("grpo", "full"), "opsd": ("opsd", "full"),
                 "opsd_fixed": ("opsd", "fixed"), "dasd": ("dasd", "full"), "dasd_adv": ("dasd_adv", "full"),
                 "atesd": ("opsd", "atesd"), "dasd_atesd": ("dasd", "atesd"),
-                "opsd_random": ("opsd", "random")}[method]
+                "opsd_random": ("opsd", "random"), "no_reference": ("opsd", "fixed"),
+                "wrong_reference": ("opsd", "full"), "teacher_free": ("teacher_free", "full"),
+                "dasd_pull": ("dasd", "full"), "dasd_push": ("dasd", "full")}[method]
     assert (cfg.method, cfg.exposure) == expected
+    # each control differs from its method by exactly what it says (docs/choices.md, choice 25)
+    assert (cfg.alpha == 0 and not cfg.teacher_show_answer) == (method == "no_reference")
+    assert (cfg.teacher_context == "wrong") == (method == "wrong_reference")
+    assert (cfg.push_weight, cfg.pull_weight) == {"dasd_pull": (0, 1), "dasd_push": (1, 0)}.get(method, (1, 1))
     # every run starts from the same model in the same dtype: the cached warm start unless --model says otherwise
     assert (cfg.model, cfg.dtype, cfg.micro_batch) == (
         miniature.demo.warm_start_dir(miniature.demo.warm_start_recipe(args.dtype)), args.dtype, args.micro_batch)
@@ -60,8 +66,8 @@ def test_distill_args_reach_the_methods_with_a_teacher_only(tmp_path, method):
                     "--distill_args", "--distill_mask_answer true --clip none")
     cfg = train.parse_config(miniature.train_cmd(args, method, 0, 1e-5, "d.jsonl", str(tmp_path / "run"))[2:])
     plumbing.check_config(cfg)
-    has_teacher = method not in ("sft", "grpo")
-    assert (cfg.distill_mask_answer, cfg.clip == 0 or cfg.clip is None) == (has_teacher, has_teacher)
+    on_samples = method not in ("sft", "grpo")  # the losses on the student's samples: the teacher's, and teacher_free
+    assert (cfg.distill_mask_answer, cfg.clip == 0 or cfg.clip is None) == (on_samples, on_samples)
     assert cfg.model == miniature.demo.warm_start_dir(miniature.demo.warm_start_recipe(args.dtype, "reader"))
     assert miniature.budget(args)["distill_args"] == "--distill_mask_answer true --clip none"
     assert "distill_args" not in miniature.budget(args_for(tmp_path))  # older folders keep their recorded budget

@@ -74,7 +74,7 @@ def teacher_forced_logits(model, prompt, response):
 
 
 def check_structure(samples, n_prompts, n, max_new_tokens, stop_ids):
-    """Prompt-major order, types, and the stop/length rules (choice 1 of rollout.py)."""
+    """Prompt-major order, types, and the stop/length rules (docs/choices.md, choice 9)."""
     assert [s.prompt_index for s in samples] == [i for i in range(n_prompts) for _ in range(n)]
     for s in samples:
         assert isinstance(s, rollout.Sample)
@@ -383,7 +383,7 @@ def test_vllm_empty_prompt_list_does_no_work(vllm_engine, monkeypatch):
 def test_vllm_seeded_batch_larger_than_one_scheduler_step(policy, vllm_engine):
     """More prompt tokens than the scheduler takes in one step (4096 here): on CPU, chunked prefill of a
     seeded request crashed vLLM ("CPU Generator does not use offset"); rollout.py prefills whole. Each
-    prompt's samples must also not depend on the batch it came in (per-request seeds, choice 4)."""
+    prompt's samples must also not depend on the batch it came in (per-request seeds, docs/choices.md, choice 45)."""
     m, tok = policy
     prompts = [chat(tok, f"Item {i}. Add up: " + " + ".join(str(j) for j in range(40, 90))) for i in range(40)]
     assert sum(len(p) for p in prompts) > 4096
@@ -393,3 +393,64 @@ def test_vllm_seeded_batch_larger_than_one_scheduler_step(policy, vllm_engine):
         vllm_engine.llm.reset_prefix_cache()  # computed afresh, not from the batch's cached prefixes
         alone = vllm_engine.generate([prompts[i]], n=2, max_new_tokens=3, seed=5 + 2 * i)
         assert [s.token_ids for s in alone] == [s.token_ids for s in big[2 * i:2 * i + 2]]
+
+
+# ----------------------------------------------------------------------------------------------
+# a quiet console (docs/choices.md, choice 50)
+
+ENV_AT_IMPORT = dict(os.environ)  # before any engine here sets its thread and preload variables
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_engine_log_takes_vllm_records_and_low_level_output(tmp_path, capfd, monkeypatch):
+    """EngineLog: the `vllm` logger's records and what is written straight to file descriptors 1 and 2 land in the
+    file, none on the console; close() gives the logger back as it was. OPSD_VERBOSE switches it off."""
+    import logging
+
+    logger = logging.getLogger("vllm")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    log = rollout.EngineLog(str(tmp_path / "run" / "engine.log"))
+    logging.getLogger("vllm.some.module").warning("a record from inside vLLM")
+    with log.capture_output():
+        os.write(2, b"[W] a C++ notice on stderr\n")
+        os.write(1, b"a line on stdout\n")
+    print("after the capture: console again")
+    log.close()
+    text = (tmp_path / "run" / "engine.log").read_text()
+    assert "WARNING" in text and "a record from inside vLLM" in text
+    assert "a C++ notice on stderr" in text and "a line on stdout" in text
+    out, err = capfd.readouterr()
+    assert "after the capture: console again" in out
+    assert "inside vLLM" not in out + err and "C++ notice" not in out + err
+    assert (list(logger.handlers), logger.level, logger.propagate) == before
+    for value, verbose in [("", False), ("0", False), ("1", True), ("true", True)]:
+        monkeypatch.setenv("OPSD_VERBOSE", value)
+        assert rollout.verbose() is verbose
+
+
+@pytest.mark.vllm
+@pytest.mark.e2e
+def test_vllm_training_console_is_quiet_and_engine_log_holds_the_engine(tmp_path):
+    """Two training steps through vLLM (one weight sync) in the faster dtype of this CPU: under 20 WARNING lines
+    on the console (vLLM alone logs ~40 per engine start, and in bf16 one per tensor per sync), the engine's lines
+    in <out_dir>/engine.log, and in bf16 no per-tensor dtype warning there either (sync_weights casts)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm")
+    out = tmp_path / "run"
+    env = {k: v for k, v in ENV_AT_IMPORT.items() if k != "OPSD_VERBOSE"}
+    cmd = [sys.executable, "train.py", "--method", "opsd", "--exposure", "full", "--rollout", "vllm", "--steps", "2",
+           "--prompts_per_step", "1", "--max_new_tokens", "8", "--dtype", "auto", "--save_every", "-1",
+           "--out_dir", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=600)
+    console = p.stdout
+    assert p.returncode == 0, console[-3000:]
+    n_warn = sum("WARNING" in line for line in console.splitlines())
+    assert n_warn < 20, console[-3000:]
+    assert "opsd/full" in console and "metrics:" in console  # the progress bar and the result stay
+    engine_log = (out / "engine.log").read_text()
+    assert "Initializing a V1 LLM engine" in engine_log and "Reloading weights inplace" in engine_log
+    assert "Initializing a V1 LLM engine" not in console
+    assert "Attempted to load weight" not in engine_log  # weights arrive in the engine's dtype

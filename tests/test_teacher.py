@@ -331,6 +331,41 @@ def test_hidden_states_are_post_norm(arch, tiny_llama):
     torch.testing.assert_close(h @ model.lm_head.weight.T, logits, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["frozen", "live", "lora frozen", "lora ema", "lora live"])
+def test_hidden_path_keeps_only_the_last_hidden_state(kind, tiny_llama, tiny_lora):
+    """hidden=True calls the model without output_hidden_states, no block's output outlives the forward, and
+    the values are bit for bit those of the direct method: hidden_states[-1] of a forward with output_hidden_states."""
+    import weakref
+
+    student = tiny_lora if kind.startswith("lora") else tiny_llama
+    t = teacher.make_teacher(student, kind.split()[-1])
+    layers = teacher.decoder(t).layers
+    calls, outputs, alive = [], [], []
+
+    def at_end(mod, args, kwargs, out):  # the end of the top-level forward: count the blocks' outputs still alive
+        calls.append(kwargs)
+        alive.append(sum(r() is not None for r in outputs))
+
+    hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append(weakref.ref(out))) for m in layers]
+    hooks.append(t.register_forward_hook(at_end, with_kwargs=True))
+    try:
+        h, _ = teacher.teacher_logits(t, PROMPTS, RESPONSES, hidden=True)
+    finally:
+        for x in hooks:
+            x.remove()
+    assert len(calls) == 1 and calls[0]["output_hidden_states"] is False
+    assert len(outputs) == len(layers) and alive == [0]
+    P, T = max(map(len, PROMPTS)), max(map(len, RESPONSES))
+    with torch.no_grad():  # the direct method, on the same inputs
+        ref = t(**dict(calls[0], output_hidden_states=True)).hidden_states[-1][:, P - 1 : P - 1 + T]
+    assert h.shape == (3, 5, 32) and torch.equal(h, ref)
+    # the student's side: the same path with grad
+    h_s, _ = teacher.response_forward(student, PROMPTS, RESPONSES, hidden=True)
+    assert h_s.requires_grad
+    if kind.endswith("live"):
+        assert torch.equal(h_s.detach(), h)
+
+
 @pytest.mark.parametrize("attn", ATTN)
 def test_student_gradients_match_unpadded(attn, tiny_llama):
     """With grad, the batched forward gives the same parameter gradients as the bare sequences,
@@ -369,6 +404,9 @@ ref, _ = teacher.teacher_logits(model, prompts, responses)
 torch.testing.assert_close(out.detach(), ref)
 (out * mask[..., None]).sum().backward()
 assert all(p.grad is not None for p in model.parameters())
+with torch.no_grad():  # the hidden path's hook sits on the decoder inside DDP
+    h, _ = teacher.response_forward(ddp, prompts, responses, hidden=True)
+assert torch.equal(h, teacher.teacher_logits(model, prompts, responses, hidden=True)[0])
 del ddp  # the reducer holds the process group: release it before the group is destroyed
 dist.destroy_process_group()
 print("ok")
@@ -414,8 +452,9 @@ def test_frozen_teacher_is_a_fixed_copy(tiny_llama):
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_frozen_teacher_with_bf16_linears_is_bit_identical_under_autocast(tied):
-    """choice 8: the frozen copy's linear weights in bf16 give exactly the fp32 copy's logits and hidden states under
-    bf16 autocast (and the chunked loss's lm_head matmul the same product), at half the bytes of those weights."""
+    """The frozen copy's linear weights in bf16 give exactly the fp32 copy's logits and hidden states under bf16
+    autocast (and the chunked loss's lm_head matmul the same product), at half the bytes of those weights
+    (docs/choices.md, choice 39)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     import chunked_loss
