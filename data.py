@@ -346,10 +346,10 @@ def swap_references(rows, seed=0):
     and answer both differ from its own (an equal answer would hand the teacher the right one). The partner is the
     next such row after a seeded cyclic shift, so the pairing is a function of (rows, seed) alike on every rank."""
     n = len(rows)
-    shift = 1 + (seed * 7919) % max(n - 1, 1)
+    shift = 1 + (seed * 7919) % max(n - 1, 1)  # in [1, n - 1]: never the row itself first
     out = []
     for i, r in enumerate(rows):
-        for j in range(n - 1):
+        for j in range(n):  # every other row once, starting at i + shift
             o = rows[(i + shift + j) % n]
             if o["solution"] != r["solution"] and o["answer"] != r["answer"]:
                 out.append({**r, "reference": (o["solution"], o["answer"])})

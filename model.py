@@ -116,12 +116,13 @@ def load_tokenizer_and_config(name_or_path=None, *, trust_remote_code=False):
 
 
 def load(name_or_path=None, *, dtype=torch.float32, device="cpu", trust_remote_code=False,
-         attn_implementation=None):
+         attn_implementation=None, tokenizer=None):
     """Returns (model, tokenizer). A missing local folder or unknown hub name is a clear error.
-    attn_implementation: transformers' attention kernel ("sdpa", "eager", ...); None = its default (sdpa)."""
+    attn_implementation: transformers' attention kernel ("sdpa", "eager", ...); None = its default (sdpa).
+    tokenizer: one already loaded from the same place (load_tokenizer_and_config), reused as it is."""
     from transformers import AutoModelForCausalLM
 
-    tok, _ = load_tokenizer_and_config(name_or_path, trust_remote_code=trust_remote_code)
+    tok = tokenizer or load_tokenizer_and_config(name_or_path, trust_remote_code=trust_remote_code)[0]
     path = resolve(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -3,7 +3,7 @@
 Nothing here is part of the algorithm (train.py reads as the algorithm and calls these by name, plumbing.<name>).
 In the order of this file:
   - parse_flags / field_docs / check_config: Config's fields as flags, each docstring its --help text; flag
-    combinations that make no sense are refused before any work.
+    combinations that make no sense are refused before any work. plan: train.py --plan.
   - init_distributed / all_reduce_sum: one process (python train.py) or torchrun's DDP / FSDP2 group.
   - setup: data, student, teacher, optimizer, exposure schedule and rollout engine (train.Run's fields), resumed
     from a checkpoint with --resume; load_rows / check_lengths / load_student_and_teacher / add_lora are its
@@ -180,8 +180,8 @@ def optimization_errors(cfg):
     errors = []
     if cfg.lora_alpha is not None and not 0.0 < cfg.lora_alpha < INF:
         errors.append(f"--lora_alpha {cfg.lora_alpha} must be a finite number > 0 (none: 2 * --lora_r)")
-    if not 0.0 < cfg.lr < INF:
-        errors.append(f"--lr {cfg.lr} must be a finite number > 0")
+    if not 0.0 <= cfg.lr < INF:  # 0: the weights never move (a control, experiments/entropy_climb.py)
+        errors.append(f"--lr {cfg.lr} must be a finite number >= 0")
     if not 0.0 <= cfg.weight_decay < INF:
         errors.append(f"--weight_decay {cfg.weight_decay} must be a finite number >= 0")
     if not cfg.grad_clip >= 0.0:
@@ -289,8 +289,9 @@ def all_reduce_sum(values, device, ddp):
 
 def setup(cfg):
     """Data, student, teacher, optimizer, exposure schedule and rollout engine, built once (resumed from the
-    checkpoint with --resume): the fields of train.Run, as a dict. The user's cfg is left as asked (Run.asked);
-    Run.cfg is a copy with the auto choices resolved (dtype, attention, chunk size, checkpointing)."""
+    checkpoint with --resume): the fields of train.Run, as a dict. The user's cfg (after check_config, which resolves
+    --exposure auto and --lora_alpha) stays as given (Run.asked); Run.cfg is a copy with the machine's auto choices
+    resolved (dtype, attention, chunk size, checkpointing)."""
     asked, cfg = cfg, dataclasses.replace(cfg)
     if cfg.fsdp and "RANK" not in os.environ:
         raise SystemExit("train.py: --fsdp runs under torchrun, also for one process: "
@@ -319,7 +320,7 @@ def setup(cfg):
         check_resume_config(cfg, resume_state["config"], ckpt_dir)
     cfg.dtype = choose_dtype(cfg, device, ddp, resume_state)
     cfg.attn = choose_attn(cfg, device, resume_state)
-    student, tok, teacher_model = load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir)
+    student, teacher_model = load_student_and_teacher(cfg, start_path, tok, device, resume_state, ckpt_dir)
     vocab = student.get_output_embeddings().weight.shape[0]
     cfg.chunk_size = choose_chunk_size(cfg, device, resume_state, vocab)
     cfg.gradient_checkpointing = choose_gradient_checkpointing(cfg, device)
@@ -407,21 +408,33 @@ def make_engine(cfg, student, start_path, tok, rank, max_model_len):
 MARGIN = 16  # tokens: how far the chat template's wrapper may vary in length between rows (a merge at each edge)
 
 
+def longest_exposures(cfg, row):
+    """The exposures at which this row's teacher prompt can be longest: --alpha under --exposure fixed; else the
+    whole reference (alpha 1), the longest partial one (m - 1 of m steps, whose header is longer and which always
+    appends the answer line) and the answer alone (alpha 0). Every other exposure reveals a prefix of a partial one."""
+    if cfg.exposure == "fixed" and not cfg.sft_reader_share:
+        return (cfg.alpha,)
+    m = len(teacherlib.split_steps(row.get("reference", (row["solution"],))[0]))
+    return (1.0, (m - 1) / m, 0.0) if m > 1 else (1.0, 0.0)
+
+
 def prompt_builders(cfg, tok):
-    """{side: (row -> the text the row puts in the prompt, row -> the prompt's exact token ids)} for the student
-    and, for a method with a teacher, the teacher at the widest exposure the schedule can draw (the whole reference,
-    or --alpha under --exposure fixed): a smaller alpha reveals a prefix, so a row that fits there fits always."""
-    alpha = cfg.alpha if cfg.exposure == "fixed" else 1.0
-    sides = {"student": (lambda r: teacherlib.student_messages(r["problem"])[0]["content"],
-                         lambda r: teacherlib.student_prompt_ids(tok, r["problem"], enable_thinking=cfg.student_thinking))}
-    if cfg.method not in TEACHERLESS:
-        kw = dict(alpha=alpha, show_answer=cfg.teacher_show_answer)
-        ref = lambda r: r.get("reference", (r["solution"], r["answer"]))  # "wrong": another row's
+    """{side: (row -> the texts the row can put in the prompt, row -> the longest of its prompts in exact tokens)}
+    for the student and, where a teacher prompt is built (a method with a teacher, or SFT's reader rows), the teacher
+    at each of longest_exposures."""
+    sides = {"student": (lambda r: [teacherlib.student_messages(r["problem"])[0]["content"]],
+                         lambda r: len(teacherlib.student_prompt_ids(tok, r["problem"],
+                                                                     enable_thinking=cfg.student_thinking)))}
+    if cfg.method not in TEACHERLESS or cfg.sft_reader_share > 0:
+        show = cfg.teacher_show_answer
+        ref = lambda r: r.get("reference", (r["solution"], r["answer"]))  # --teacher_context wrong: another row's
         sides["teacher"] = (
-            lambda r: teacherlib.teacher_messages(r["problem"], *ref(r), **kw)[0]["content"],
-            lambda r: teacherlib.teacher_prompt_ids(tok, r["problem"], *ref(r), **kw,
-                                                    enable_thinking=cfg.teacher_thinking,
-                                                    closed_think=cfg.teacher_closed_think))
+            lambda r: [teacherlib.teacher_messages(r["problem"], *ref(r), alpha=a, show_answer=show)[0]["content"]
+                       for a in longest_exposures(cfg, r)],
+            lambda r: max(len(teacherlib.teacher_prompt_ids(tok, r["problem"], *ref(r), alpha=a, show_answer=show,
+                                                            enable_thinking=cfg.teacher_thinking,
+                                                            closed_think=cfg.teacher_closed_think))
+                          for a in longest_exposures(cfg, r)))
     return sides
 
 
@@ -435,15 +448,21 @@ def check_lengths(cfg, rows, tok, limit):
     rendered exactly only for the rows within MARGIN tokens of the longest or of the limit.
     Returns (rows, {"student": (tokens, row index), "teacher": (tokens, row index) or None, "context": limit})."""
     longest, too_long = {"teacher": None, "context": limit}, {}
-    for side, (text, exact) in prompt_builders(cfg, tok).items():
-        est = [len(x) for x in tok([text(r) for r in rows], add_special_tokens=False)["input_ids"]]
-        lens = {i: len(exact(rows[i])) for i, e in enumerate(est) if e >= max(est) - MARGIN}
+    for side, (texts, exact) in prompt_builders(cfg, tok).items():
+        per_row = [texts(r) for r in rows]
+        flat = tok([t for ts in per_row for t in ts], add_special_tokens=False)["input_ids"]
+        est, k = [], 0
+        for ts in per_row:  # each row's longest text
+            est.append(max(len(x) for x in flat[k:k + len(ts)]))
+            k += len(ts)
+        top = max(est)
+        lens = {i: exact(rows[i]) for i, e in enumerate(est) if e >= top - MARGIN}
         i_max = max(lens, key=lens.get)
         longest[side] = (lens[i_max], i_max)
         wrapper = lens[i_max] - est[i_max]  # the template's tokens around the text, measured on the longest row
         for i, e in enumerate(est):
             if limit is not None and e + wrapper + cfg.max_new_tokens > limit - MARGIN:
-                n = lens.get(i) or len(exact(rows[i]))
+                n = lens.get(i) or exact(rows[i])
                 if n + cfg.max_new_tokens > limit:
                     too_long.setdefault(i, (side, n))
     if too_long and not cfg.skip_bad_rows:
@@ -472,13 +491,13 @@ def load_rows(cfg):
         raise SystemExit(f"train.py: {e}") from e
 
 
-def load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir):
-    """The student (trained) and the teacher (a frozen copy, an EMA copy, or None for grpo and sft).
+def load_student_and_teacher(cfg, start_path, tok, device, resume_state, ckpt_dir):
+    """The student (trained) and the teacher (a frozen copy, an EMA copy, or None for the methods without one).
     Under LoRA the student is the peft-wrapped model and the frozen / EMA teacher a view of its own network."""
     try:
         # fp32 master weights (docs/choices.md, choice 11); bf16 matmuls come from autocast
-        student, tok = modellib.load(start_path, dtype=torch.float32, device=device,
-                                     trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn)
+        student, _ = modellib.load(start_path, dtype=torch.float32, device=device, tokenizer=tok,
+                                   trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn)
     except FileNotFoundError as e:
         raise SystemExit(f"train.py: {e}") from e
     if cfg.lora_r:
@@ -511,7 +530,7 @@ def load_student_and_teacher(cfg, start_path, device, resume_state, ckpt_dir):
         if getattr(student.config, "tie_word_embeddings", False):
             student.tie_weights()
     student.train()
-    return student, tok, teacher_model
+    return student, teacher_model
 
 
 def add_lora(cfg, student):

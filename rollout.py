@@ -269,7 +269,7 @@ class EngineLog:
         self.path = os.path.abspath(path)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.logger = logging.getLogger("vllm")
-        self.saved = (list(self.logger.handlers), self.logger.level, self.logger.propagate)
+        self.saved = (list(self.logger.handlers), self.logger.level, self.logger.propagate, self.logger.disabled)
         self.handler = logging.FileHandler(self.path, mode="a", encoding="utf-8")
         self.handler.setFormatter(logging.Formatter(self.FORMAT, datefmt="%m-%d %H:%M:%S"))
         level = os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper()  # vLLM's own level setting
@@ -278,6 +278,7 @@ class EngineLog:
         self.logger.addHandler(self.handler)
         self.logger.setLevel(level)
         self.logger.propagate = False
+        self.logger.disabled = False  # a logging.config call elsewhere in the process may have disabled it
 
     @contextlib.contextmanager
     def capture_output(self):
@@ -302,11 +303,12 @@ class EngineLog:
     def close(self):
         self.logger.removeHandler(self.handler)
         self.handler.close()
-        handlers, level, propagate = self.saved
+        handlers, level, propagate, disabled = self.saved
         for h in handlers:
             self.logger.addHandler(h)
         self.logger.setLevel(level)
         self.logger.propagate = propagate
+        self.logger.disabled = disabled
 
 
 class VLLMRollout:

@@ -71,7 +71,7 @@ class Config:
     control with no teacher: a fixed negative advantage on each response's least likely sampled tokens)."""
     exposure: str = "auto"
     """How much of the reference the teacher sees: full (OPSD) | fixed (--alpha) | random | atesd (learned);
-    auto = atesd for the distillation methods, full for grpo and sft (they have no teacher)."""
+    auto = atesd for the distillation methods, full for grpo, sft and teacher_free (they have no teacher)."""
     alpha: float = 0.5
     """Exposure for --exposure fixed: the teacher sees the first ceil(alpha*m) of m solution steps."""
     teacher: str = "frozen"
@@ -252,7 +252,7 @@ class Run:
     tok: typing.Any                  # the tokenizer
     student: torch.nn.Module         # the trained parameters (optimizer, checkpoints, weight sync)
     train_model: torch.nn.Module     # what the loss calls: the student or its DDP / FSDP wrapper
-    teacher_model: typing.Optional[torch.nn.Module]  # None for grpo and sft (no teacher)
+    teacher_model: typing.Optional[torch.nn.Module]  # None for grpo, sft and teacher_free (no teacher)
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     expo: typing.Any                 # exposure schedule / ATESD controller (exposure.py)
@@ -315,7 +315,7 @@ def prepare_engine(run):
 
 def sample_batch(run, my_rows, step):
     """Token ids in, token ids out (never decoded and re-tokenized prompts). Returns (batch, rewards):
-    batch holds one dict per sequence (student_prompt, response, answer, row, truncated); rewards are
+    batch holds one dict per sequence (student_prompt, response, loss_len, answer, row, truncated); rewards are
     1.0 / 0.0 per rollout by grader.check_answer, which evaluate.py grades with too. SFT's "rollouts" are the
     reference solutions."""
     cfg, tok = run.cfg, run.tok
@@ -371,7 +371,7 @@ def add_advantages(run, batch, rewards):
 def add_teacher_context(run, batch, alpha):
     """The teacher sees the problem plus the revealed part of the reference: the first ceil(alpha*m)
     of its m steps and the final answer (exposure.py, teacher.py). Every row fits the model's context at any alpha
-    (plumbing.check_lengths checked them all at set-up, on every rank)."""
+    (plumbing.check_lengths checked each row at its longest exposures at set-up, on every rank)."""
     if run.teacher_model is None:
         return
     for b in batch:
@@ -389,7 +389,7 @@ def add_teacher_context(run, batch, alpha):
 def microbatch_loss(cfg, student, teacher_model, lm_head, mb, autocast):
     """Returns (loss as a token mean over this micro-batch, n valid tokens, metrics). The forwards here, the loss
     in one function per family: sft_loss (no teacher), distill_loss (opsd, dasd), advantage_loss (grpo,
-    dasd_adv). With --chunk_size the forwards return (B,T,H) hidden states, else (B,T,V) logits."""
+    dasd_adv, teacher_free). With --chunk_size the forwards return (B,T,H) hidden states, else (B,T,V) logits."""
     s_prompts = [b["student_prompt"] for b in mb]
     responses = [b["response"] for b in mb]
     hidden = cfg.chunk_size > 0
@@ -581,10 +581,11 @@ def teacher_answer_logprob(run, batch, alpha):
         with run.autocast():
             # the guard prompt withholds the answer: with it shown, the teacher just copies it and g is
             # flat in alpha; without it, g measures how strongly the revealed steps lead to the answer
-            guard = [teacherlib.teacher_prompt_ids(run.tok, b["row"]["problem"], b["row"]["solution"], b["answer"],
-                                                   alpha=alpha, show_answer=False, enable_thinking=False)
-                     for b in mb]
-            alp = teacherlib.answer_logprob(run.teacher_model, run.tok, guard, [b["answer"] for b in mb])  # (B,)
+            refs = [b["row"].get("reference", (b["row"]["solution"], b["answer"])) for b in mb]  # what the teacher read
+            guard = [teacherlib.teacher_prompt_ids(run.tok, b["row"]["problem"], solution, answer, alpha=alpha,
+                                                   show_answer=False, enable_thinking=False)
+                     for b, (solution, answer) in zip(mb, refs)]
+            alp = teacherlib.answer_logprob(run.teacher_model, run.tok, guard, [a for _, a in refs])  # (B,)
         total += alp.float().sum().item()
     return total
 

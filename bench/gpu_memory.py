@@ -648,7 +648,7 @@ def build_run(cfg, model_cfg):
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    run = train.Run(cfg=cfg, ddp=False, rank=0, world=1, device=torch.device("cpu"), rows=[], tok=None,
+    run = train.Run(cfg=cfg, asked=cfg, ddp=False, rank=0, world=1, device=torch.device("cpu"), rows=[], tok=None,
                     student=student, train_model=student, teacher_model=teacher, opt=opt, sched=sched, expo=None,
                     engine=None, start_step=0, n_skipped=0, ckpt_dir="")
     return run

@@ -31,7 +31,12 @@ def test_check_lengths_finds_the_longest_prompts_exactly_and_names_a_row_beyond_
     cfg = train.parse_config(["--max_new_tokens", "100", "--method", "opsd", "--exposure", "full"])
     plumbing.check_config(cfg)
     brute_s = [len(teacher.student_prompt_ids(tok, r["problem"])) for r in rows]  # every prompt rendered
-    brute_t = [len(teacher.teacher_prompt_ids(tok, r["problem"], r["solution"], r["answer"], alpha=1.0)) for r in rows]
+    def every_exposure(r):  # k of m steps revealed, for every k: the longest teacher prompt the schedule can build
+        m = len(teacher.split_steps(r["solution"]))
+        return max(len(teacher.teacher_prompt_ids(tok, r["problem"], r["solution"], r["answer"], alpha=k / max(m, 1)))
+                   for k in range(m + 1))
+
+    brute_t = [every_exposure(r) for r in rows]
     kept, longest = plumbing.check_lengths(cfg, rows, tok, 8192)
     assert kept == rows
     assert longest["student"][0] == max(brute_s) and longest["teacher"] == (max(brute_t), 300)
@@ -104,3 +109,23 @@ def test_plan_prints_lengths_and_the_memory_plan_and_fails_when_it_does_not_fit(
     with pytest.raises(SystemExit) as e:
         train.main(argv + ["--plan_gpu_gb", "0.5"])
     assert e.value.code == 1 and "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_the_longest_teacher_prompt_can_be_a_partial_exposure(embedded_dir):
+    # a reference whose last step holds the box: the whole of it adds no answer line, while any partial exposure
+    # appends one under a longer header, so a partial teacher prompt is the longest one the schedule can build
+    from transformers import AutoTokenizer
+
+    import teacher
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    row = {"problem": "What is 3 + 4?", "solution": "Three plus four.\n\nSo it is \\boxed{7}.", "answer": "7", "id": "r"}
+    cfg = train.parse_config(["--method", "opsd", "--exposure", "atesd", "--max_new_tokens", "8"])
+    plumbing.check_config(cfg)
+    full = len(teacher.teacher_prompt_ids(tok, row["problem"], row["solution"], row["answer"], alpha=1.0))
+    half = len(teacher.teacher_prompt_ids(tok, row["problem"], row["solution"], row["answer"], alpha=0.5))
+    assert half > full
+    _, longest = plumbing.check_lengths(cfg, [row], tok, None)
+    assert longest["teacher"] == (half, 0)
+    with pytest.raises(SystemExit, match="its teacher prompt"):  # fits at alpha 1, not at alpha 0.5
+        plumbing.check_lengths(cfg, [row], tok, full + 8)

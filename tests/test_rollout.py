@@ -409,15 +409,20 @@ def test_engine_log_takes_vllm_records_and_low_level_output(tmp_path, capfd, mon
 
     logger = logging.getLogger("vllm")
     before = (list(logger.handlers), logger.level, logger.propagate)
+    # vllm.logger.suppress_logging sets a process-wide logging.disable and restores it only when its block ends
+    # without an exception: an engine that failed earlier in this process can leave it set
+    monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
     log = rollout.EngineLog(str(tmp_path / "run" / "engine.log"))
-    logging.getLogger("vllm.some.module").warning("a record from inside vLLM")
+    child = logging.getLogger("vllm.some.module")
+    state = (child.disabled, child.getEffectiveLevel(), logger.disabled, logging.root.manager.disable)
+    child.warning("a record from inside vLLM")
     with log.capture_output():
         os.write(2, b"[W] a C++ notice on stderr\n")
         os.write(1, b"a line on stdout\n")
     print("after the capture: console again")
     log.close()
     text = (tmp_path / "run" / "engine.log").read_text()
-    assert "WARNING" in text and "a record from inside vLLM" in text
+    assert "WARNING" in text and "a record from inside vLLM" in text, (state, text)
     assert "a C++ notice on stderr" in text and "a line on stdout" in text
     out, err = capfd.readouterr()
     assert "after the capture: console again" in out

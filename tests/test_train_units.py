@@ -327,9 +327,9 @@ def test_bad_numbers_are_one_line_errors_naming_the_flag_before_any_work():
     import train
 
     for argv, line in [
-        (["--lr", "nan"], "--lr nan must be a finite number > 0"),
-        (["--lr", "0"], "--lr 0.0 must be a finite number > 0"),
-        (["--lr", "inf"], "--lr inf must be a finite number > 0"),
+        (["--lr", "nan"], "--lr nan must be a finite number >= 0"),
+        (["--lr=-1e-5"], "--lr -1e-05 must be a finite number >= 0"),
+        (["--lr", "inf"], "--lr inf must be a finite number >= 0"),
         (["--weight_decay", "-0.1"], "--weight_decay -0.1 must be a finite number >= 0"),
         (["--grad_clip", "-1"], "--grad_clip -1.0 must be >= 0 (0: no clipping)"),
         (["--warmup_steps", "-1"], "--warmup_steps -1 must be >= 0 (0: no warm-up)"),
@@ -356,7 +356,7 @@ def test_bad_numbers_are_one_line_errors_naming_the_flag_before_any_work():
     with pytest.raises(SystemExit) as e:  # every bad flag at once, one line each
         plumbing.check_config(train.parse_config(["--lr", "nan", "--top_k", "0"]))
     assert str(e.value).splitlines()[1:] == ["  --top_k 0: use k >= 1 or -1 (off)",
-                                             "  --lr nan must be a finite number > 0"]
+                                             "  --lr nan must be a finite number >= 0"]
     # the edges of each range, and the values that turn a feature off, are allowed
     plumbing.check_config(train.parse_config(["--top_p", "1", "--top_k", "-1", "--ema_decay", "0", "--clip", "0",
                                               "--grad_clip", "0", "--warmup_steps", "0", "--push_weight", "0",
