@@ -412,10 +412,11 @@ def test_engine_log_takes_vllm_records_and_low_level_output(tmp_path, capfd, mon
     # vllm.logger.suppress_logging sets a process-wide logging.disable and restores it only when its block ends
     # without an exception: an engine that failed earlier in this process can leave it set
     monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")  # EngineLog takes vLLM's own level setting
     log = rollout.EngineLog(str(tmp_path / "run" / "engine.log"))
-    child = logging.getLogger("vllm.some.module")
-    state = (child.disabled, child.getEffectiveLevel(), logger.disabled, logging.root.manager.disable)
-    child.warning("a record from inside vLLM")
+    # the `vllm` logger itself: a module logger below it may carry a level of its own from earlier tests
+    state = (logger.disabled, logger.getEffectiveLevel(), logging.root.manager.disable)
+    logger.warning("a record from inside vLLM")
     with log.capture_output():
         os.write(2, b"[W] a C++ notice on stderr\n")
         os.write(1, b"a line on stdout\n")
