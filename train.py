@@ -441,7 +441,8 @@ def distill_loss(cfg, s_out, t_out, mask, responses, lm_head, teacher_model):
     n = max(mask.sum().item(), 1.0)
     kw = dict(beta=cfg.beta, clip=cfg.clip or None, temperature=cfg.temperature, topk=cfg.topk,
               **(dasd_kwargs(cfg) if cfg.method == "dasd" else {}))
-    tgt = response_targets(responses, s_out.shape[1], s_out.device)
+    # the ATESD controller's state features need the sampled tokens; no other loss here does
+    tgt = response_targets(responses, s_out.shape[1], s_out.device) if cfg.exposure == "atesd" else None
     extra = {}
     if cfg.chunk_size > 0:
         mm = matmul_dtype(cfg)
