@@ -35,6 +35,8 @@ Choices (the papers use existing datasets; all of this is ours, with its reasons
     box, by grader.last_boxed (docs/choices.md, choice 60).
   - A bad row is an error naming file, line and field, or skipped and counted with skip_bad_rows=True
     (docs/choices.md, choice 61).
+  - An optional "reader_alpha" (a number in [0, 1]) makes an SFT row train from the teacher's prompt at that exposure:
+    the reader warm start's rows (docs/choices.md, choice 24); other methods refuse such rows.
 
 The embedded SmolLM2-135M-Instruct rarely writes \\boxed{} and is weak at arithmetic: its accuracy on
 the test split, as evaluate.py grades it, is in docs/results.md ("The demo"), with the command that measures it.
@@ -337,8 +339,14 @@ def to_row(record, *, where, problem_field=None, solution_field=None, answer_fie
     if "\\boxed{" not in solution:
         solution = (solution + "\n" if solution else "") + f"Answer: \\boxed{{{answer}}}"
     level = record.get("level", 0)
-    return {"id": str(record.get("id", where)), "problem": problem.strip(), "solution": solution,
-            "answer": answer, "level": int(level) if isinstance(level, (int, float)) else 0}
+    row = {"id": str(record.get("id", where)), "problem": problem.strip(), "solution": solution,
+           "answer": answer, "level": int(level) if isinstance(level, (int, float)) else 0}
+    if record.get("reader_alpha") is not None:  # an SFT row trained from the teacher's prompt (train.sample_batch)
+        a = record["reader_alpha"]
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+            raise DataError(f"{where}, field 'reader_alpha': expected a number in [0, 1], got {a!r:.80}")
+        row["reader_alpha"] = float(a)
+    return row
 
 
 def swap_references(rows, seed=0):

@@ -120,11 +120,6 @@ def method_errors(cfg):
     if cfg.distill_mask_answer and cfg.method not in ("opsd", "dasd", "dasd_adv", "teacher_free"):
         errors.append(f"--distill_mask_answer applies to the losses on the student's samples (opsd, dasd, dasd_adv, "
                       f"teacher_free), not --method {cfg.method}")
-    if not 0.0 <= cfg.sft_reader_share <= 1.0:
-        errors.append(f"--sft_reader_share {cfg.sft_reader_share} must be in [0, 1]")
-    if cfg.sft_reader_share > 0 and cfg.method != "sft":
-        errors.append(f"--sft_reader_share trains on teacher prompts with the SFT loss; it needs --method sft, "
-                      f"not {cfg.method}")
     if not cfg.teacher_show_answer and cfg.method in TEACHERLESS:
         errors.append(f"--teacher_show_answer false: --method {cfg.method} has no teacher")
     if cfg.method in TEACHERLESS and cfg.exposure != "full":
@@ -412,7 +407,7 @@ def longest_exposures(cfg, row):
     """The exposures at which this row's teacher prompt can be longest: --alpha under --exposure fixed; else the
     whole reference (alpha 1), the longest partial one (m - 1 of m steps, whose header is longer and which always
     appends the answer line) and the answer alone (alpha 0). Every other exposure reveals a prefix of a partial one."""
-    if cfg.exposure == "fixed" and not cfg.sft_reader_share:
+    if cfg.exposure == "fixed":
         return (cfg.alpha,)
     m = len(teacherlib.split_steps(row.get("reference", (row["solution"],))[0]))
     return (1.0, (m - 1) / m, 0.0) if m > 1 else (1.0, 0.0)
@@ -420,12 +415,22 @@ def longest_exposures(cfg, row):
 
 def prompt_builders(cfg, tok):
     """{side: (row -> the texts the row can put in the prompt, row -> the longest of its prompts in exact tokens)}
-    for the student and, where a teacher prompt is built (a method with a teacher, or SFT's reader rows), the teacher
-    at each of longest_exposures."""
-    sides = {"student": (lambda r: [teacherlib.student_messages(r["problem"])[0]["content"]],
-                         lambda r: len(teacherlib.student_prompt_ids(tok, r["problem"],
-                                                                     enable_thinking=cfg.student_thinking)))}
-    if cfg.method not in TEACHERLESS or cfg.sft_reader_share > 0:
+    for the student (an SFT reader row: the teacher's prompt at its reader_alpha, as train.sample_batch builds it) and,
+    for a method with a teacher, the teacher at each of longest_exposures."""
+    def student_text(r):
+        if "reader_alpha" in r:
+            return teacherlib.teacher_messages(r["problem"], r["solution"], r["answer"], alpha=r["reader_alpha"])
+        return teacherlib.student_messages(r["problem"])
+
+    def student_len(r):
+        if "reader_alpha" in r:
+            return len(teacherlib.teacher_prompt_ids(
+                tok, r["problem"], r["solution"], r["answer"], alpha=r["reader_alpha"],
+                enable_thinking=cfg.teacher_thinking, closed_think=cfg.teacher_closed_think))
+        return len(teacherlib.student_prompt_ids(tok, r["problem"], enable_thinking=cfg.student_thinking))
+
+    sides = {"student": (lambda r: [student_text(r)[0]["content"]], student_len)}
+    if cfg.method not in TEACHERLESS:
         show = cfg.teacher_show_answer
         ref = lambda r: r.get("reference", (r["solution"], r["answer"]))  # --teacher_context wrong: another row's
         sides["teacher"] = (
@@ -484,11 +489,15 @@ def check_lengths(cfg, rows, tok, limit):
 
 def load_rows(cfg):
     try:
-        return data.load_dataset(cfg.data, split="train", problem_field=cfg.problem_field,
+        rows = data.load_dataset(cfg.data, split="train", problem_field=cfg.problem_field,
                                  solution_field=cfg.solution_field, answer_field=cfg.answer_field,
                                  skip_bad_rows=cfg.skip_bad_rows)
     except (data.DataError, FileNotFoundError) as e:
         raise SystemExit(f"train.py: {e}") from e
+    if cfg.method != "sft" and any("reader_alpha" in r for r in rows):
+        raise SystemExit(f"train.py: {cfg.data}: rows carry 'reader_alpha' (SFT trained from the teacher's prompt); "
+                         f"they train only under --method sft, not {cfg.method}")
+    return rows
 
 
 def load_student_and_teacher(cfg, start_path, tok, device, resume_state, ckpt_dir):

@@ -94,9 +94,6 @@ class Config:
     distill_mask_answer: bool = False
     """opsd/dasd/dasd_adv: leave the final-answer span (from the response's last \\boxed on) out of the loss and its
     token mean, where a teacher that sees the answer pulls the box toward it (docs/choices.md, choice 23)."""
-    sft_reader_share: float = 0.0
-    """sft only: the share of rows trained from the *teacher's* prompt (the reference revealed at an alpha drawn from
-    READER_ALPHAS) instead of the student's; 0.5 builds the "reader" warm start (docs/choices.md, choice 24)."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off by default: loading a model must not execute foreign code."""
 
@@ -271,9 +268,6 @@ class Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16")
 
 
-READER_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # --sft_reader_share: the exposures a reader row's prompt is drawn from
-
-
 # -----------------------------------------------------------------------------------------------
 # Step 1. Rollout: this step's problems (a function of seed and step only, so resuming needs nothing
 # but the step), and the student's own answers to them.
@@ -323,14 +317,12 @@ def sample_batch(run, my_rows, step):
                     for r in my_rows]
     batch, rewards = [], []
     if cfg.method == "sft":
-        for i, (r, p) in enumerate(zip(my_rows, s_prompt_ids)):
+        for r, p in zip(my_rows, s_prompt_ids):
             resp = tok(r["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            if cfg.sft_reader_share > 0:  # one draw per (seed, step, rank, row): resumes and reruns repeat it
-                g = np.random.default_rng([cfg.seed, step, run.rank, i])
-                if g.random() < cfg.sft_reader_share:
-                    p = teacherlib.teacher_prompt_ids(
-                        tok, r["problem"], r["solution"], r["answer"], alpha=float(g.choice(READER_ALPHAS)),
-                        enable_thinking=cfg.teacher_thinking, closed_think=cfg.teacher_closed_think)
+            if "reader_alpha" in r:  # a reader row (data.py): the teacher's prompt, the reference revealed
+                p = teacherlib.teacher_prompt_ids(
+                    tok, r["problem"], r["solution"], r["answer"], alpha=r["reader_alpha"],
+                    enable_thinking=cfg.teacher_thinking, closed_think=cfg.teacher_closed_think)
             resp = resp[: cfg.max_new_tokens]
             batch.append({"student_prompt": p, "response": resp, "loss_len": len(resp), "answer": r["answer"]})
         return batch, rewards  # never empty: at least the end-of-sequence token

@@ -44,11 +44,16 @@ import platform
 import shutil
 import sys
 import time
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
+
+import data  # noqa: E402
 import evaluate  # noqa: E402
+import train  # noqa: E402
 import runner  # noqa: E402  (experiments/runner.py)
 import model as modellib  # noqa: E402
 from disagreement import consistency  # noqa: E402  (experiments/disagreement.py: box/chain consistency)
@@ -59,12 +64,13 @@ from disagreement import consistency  # noqa: E402  (experiments/disagreement.py
 WARM_START = ["--method", "sft", "--steps", "30", "--prompts_per_step", "16", "--micro_batch", "8",
               "--lr", "1e-4", "--max_new_tokens", "128"]
 # The *reader* warm start (docs/choices.md, choice 24): twice the steps, and half the rows trained from the teacher's
-# prompt (the training-split reference revealed at alpha in train.READER_ALPHAS) to the same reference. Its teacher
+# prompt (the training-split reference revealed at an alpha in READER_ALPHAS) to the same reference. Its teacher
 # reads the context it is shown, as a large model's does: the testbed where the answer leak shows
-# (results/leak_reader_start/).
+# (results/leak_reader_start/). --sft_reader_share is the recipe's flag, not train.py's: train_flags makes it data.
 READER_START = [*WARM_START[:WARM_START.index("--steps")], "--steps", "60",
                 *WARM_START[WARM_START.index("--steps") + 2:], "--sft_reader_share", "0.5"]
 WARM_STARTS = {"format": WARM_START, "reader": READER_START}
+READER_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the exposures a reader row's prompt is drawn from
 # Pinned when the warm start is built, outside the cache key (runner.PINNED: the plain loss path, optimizer,
 # micro-batch order and attention), so one key keeps building the same model (docs/choices.md, choice 13).
 WARM_START_PINNED = runner.PINNED
@@ -89,9 +95,44 @@ def warm_start_recipe(dtype=None, kind="format"):
     return [*WARM_STARTS[kind], "--dtype", resolve_dtype(dtype), "--seed", "0"]
 
 
+def recipe_value(recipe, flag, default=None):
+    return recipe[recipe.index(flag) + 1] if flag in recipe else default
+
+
+def reader_mix(rows, share, *, seed, steps, prompts_per_step):
+    """The reader warm start's training rows (docs/choices.md, choice 24): every row, and each one the SFT run meets
+    (train.step_rows, step by step) drawn with probability `share` as a reader row, whose "reader_alpha" (an exposure
+    from READER_ALPHAS) makes train.py train it from the teacher's prompt. One seeded draw per (step, slot), so the
+    mix is a function of the recipe. A row met twice (more slots than rows) would need two draws: refused."""
+    cfg = types.SimpleNamespace(seed=seed, prompts_per_step=prompts_per_step)
+    alphas = {}
+    for step in range(steps):
+        for i, r in enumerate(train.step_rows(rows, cfg, step, 0, 1)):
+            if r["id"] in alphas:
+                raise ValueError(f"reader_mix: {steps} x {prompts_per_step} rows exceed the {len(rows)} training rows")
+            g = np.random.default_rng([seed, step, 0, i])
+            alphas[r["id"]] = float(g.choice(READER_ALPHAS)) if g.random() < share else None
+    return [dict(r, reader_alpha=alphas[r["id"]]) if alphas.get(r["id"]) is not None else r for r in rows]
+
+
 def warm_start_dir(recipe=None):
     key = hashlib.sha256(json.dumps(recipe or warm_start_recipe()).encode()).hexdigest()[:10]
     return os.path.join(modellib.cache_root(), f"warmstart-{key}")
+
+
+def train_flags(recipe, work):
+    """train.py's flags for a recipe: itself, except that the reader recipe's --sft_reader_share (the recipe's own
+    flag, not train.py's) becomes its data, reader_mix's rows written to work/reader_rows.jsonl."""
+    if "--sft_reader_share" not in recipe:
+        return recipe
+    at = recipe.index("--sft_reader_share")
+    rows = reader_mix(data.embedded_split("train"), float(recipe[at + 1]), seed=int(recipe_value(recipe, "--seed", 0)),
+                      steps=int(recipe_value(recipe, "--steps")),
+                      prompts_per_step=int(recipe_value(recipe, "--prompts_per_step")))
+    path = os.path.join(work, "reader_rows.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return [*recipe[:at], *recipe[at + 2:], "--data", path]
 
 
 def ensure_warm_start(py, recipe=None):
@@ -106,10 +147,10 @@ def ensure_warm_start(py, recipe=None):
     kind = "reader" if "--sft_reader_share" in recipe else "format"
     print(f"set-up: {kind} warm start (SFT on training-split solutions, once) -> {final}", flush=True)
     resume = ["--resume"] if os.path.isdir(os.path.join(work, "ckpt")) else []
-    runner.run([py, "train.py", *recipe, *WARM_START_PINNED, "--save_every", "5", "--out_dir", work, *resume],
-               os.path.join(work, "train.log"))
+    runner.run([py, "train.py", *train_flags(recipe, work), *WARM_START_PINNED, "--save_every", "5", "--out_dir", work,
+                *resume], os.path.join(work, "train.log"))
     shutil.copytree(os.path.join(work, "final"), final + ".tmp", dirs_exist_ok=True)
-    dtype = recipe[recipe.index("--dtype") + 1] if "--dtype" in recipe else "auto"
+    dtype = recipe_value(recipe, "--dtype", "auto")
     with open(os.path.join(final + ".tmp", "warm_start.json"), "w") as f:
         json.dump({"recipe": recipe, "pinned": WARM_START_PINNED, "dtype": dtype, "machine": machine()}, f, indent=2)
     os.replace(final + ".tmp", final)

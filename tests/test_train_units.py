@@ -1,5 +1,5 @@
 """In-process unit tests of train.py's and plumbing.py's parts: flags and their automatic choices, micro-batching,
-gradient checkpointing, the loss with --distill_mask_answer, the reader rows of --sft_reader_share. Tiny or
+gradient checkpointing, the loss with --distill_mask_answer, SFT's reader rows (reader_alpha). Tiny or
 embedded models, no subprocess; train.py end to end is in test_train.py."""
 
 import pytest
@@ -287,9 +287,12 @@ def test_distill_mask_answer_leaves_the_answer_span_out_of_the_loss(tiny_llama, 
     assert abs(full.item() - ref.item()) > 1e-4  # the span's tokens did count without the flag
 
 
-def test_reader_rows_come_from_the_training_split_only(embedded_dir):
-    # --sft_reader_share: a share of the SFT rows trains from the teacher's prompt (the reference revealed) to the
-    # reference. Every such row is a training-split problem shown with its own solution; none is a test problem.
+def test_reader_rows_come_from_the_training_split_only(embedded_dir, tmp_path):
+    # the reader warm start's data (experiments/demo.py): a share of the SFT rows carries reader_alpha and trains from
+    # the teacher's prompt (the reference revealed) to the reference. Every such row is a training-split problem shown
+    # with its own solution; none is a test problem.
+    import json
+    import sys
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
@@ -298,29 +301,50 @@ def test_reader_rows_come_from_the_training_split_only(embedded_dir):
     import teacher as teacherlib
     import train
 
+    sys.path.insert(0, "experiments")
+    import demo
+
     tok = AutoTokenizer.from_pretrained(embedded_dir)
     train_rows, test_rows = data.embedded_split("train"), data.embedded_split("test")
     test_problems = {r["problem"] for r in test_rows}
-    cfg = train.parse_config(["--method", "sft", "--sft_reader_share", "0.5", "--prompts_per_step", "16",
-                              "--max_new_tokens", "128"])
+    recipe = ["--method", "sft", "--prompts_per_step", "16", "--steps", "4", "--max_new_tokens", "128",
+              "--sft_reader_share", "0.5", "--seed", "3"]
+    flags = demo.train_flags(recipe, str(tmp_path))
+    assert "--sft_reader_share" not in flags and flags[-2:] == ["--data", str(tmp_path / "reader_rows.jsonl")]
+    cfg = train.parse_config(flags)
+    rows = data.load_dataset(cfg.data)  # the field survives data.py's mapping
+    assert [{k: v for k, v in r.items() if k != "reader_alpha"} for r in rows] == train_rows
     run = SimpleNamespace(cfg=cfg, tok=tok, rank=0)
     n_teacher = 0
     for step in range(4):
-        rows = train.step_rows(train_rows, cfg, step, 0, 1)
-        batch, _ = train.sample_batch(run, rows, step)
-        assert batch == train.sample_batch(run, rows, step)[0]  # the draw repeats (resume, reruns)
-        for r, b in zip(rows, batch):
+        step_rows = train.step_rows(rows, cfg, step, 0, 1)
+        batch, _ = train.sample_batch(run, step_rows, step)
+        for r, b in zip(step_rows, batch):
             assert r["problem"] not in test_problems
             prompt = tok.decode(b["student_prompt"])
             assert r["problem"] in prompt
-            if b["student_prompt"] != teacherlib.student_prompt_ids(tok, r["problem"]):
+            if "reader_alpha" in r:
                 n_teacher += 1
+                assert r["reader_alpha"] in demo.READER_ALPHAS
+                assert b["student_prompt"] != teacherlib.student_prompt_ids(tok, r["problem"])
                 assert "\\boxed{" + r["answer"] + "}" in prompt  # the teacher's context: its own reference's answer
                 assert not any(p in prompt for p in test_problems)
+            else:
+                assert b["student_prompt"] == teacherlib.student_prompt_ids(tok, r["problem"])
             assert b["response"][:-1] == tok(r["solution"], add_special_tokens=False)["input_ids"][:127]
     assert 16 <= n_teacher <= 48  # about half of 64 rows
-    with pytest.raises(SystemExit, match="sft_reader_share"):
-        plumbing.check_config(train.parse_config(["--method", "opsd", "--sft_reader_share", "0.5"]))
+    assert sum("reader_alpha" in r for r in rows) == n_teacher  # only the rows the run meets are drawn
+    assert demo.train_flags(recipe, str(tmp_path)) == flags  # the mix is a function of the recipe
+    assert open(cfg.data).read() == "".join(json.dumps(r) + "\n" for r in demo.reader_mix(
+        train_rows, 0.5, seed=3, steps=4, prompts_per_step=16))
+    with pytest.raises(SystemExit, match="reader_alpha.*only under --method sft"):
+        plumbing.load_rows(train.parse_config(["--method", "opsd", "--data", cfg.data]))
+    with pytest.raises(ValueError, match="exceed"):  # a row met twice would need two draws
+        demo.reader_mix(train_rows[:20], 0.5, seed=0, steps=2, prompts_per_step=16)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(dict(train_rows[0], reader_alpha=1.5)) + "\n")
+    with pytest.raises(data.DataError, match="bad.jsonl, line 1, field 'reader_alpha'"):
+        data.load_dataset(str(bad))
 
 
 def test_bad_numbers_are_one_line_errors_naming_the_flag_before_any_work():
