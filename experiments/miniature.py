@@ -165,6 +165,10 @@ def build_parser():
     r.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: all cores)")
     r.add_argument("--keep_models", action="store_true", help="keep final/ and ckpt/ after evaluation")
     r.add_argument("--report_only", action="store_true", help="only rebuild the report from finished runs")
+    r.add_argument("--combine", nargs="+", metavar="FOLDER",
+                   help="no runs: read these folders' summary.json (arms of one design, e.g. results/numerics/*/) "
+                        "and write --out/summary.json and table.md: each arm's per-seed differences from its start, "
+                        "the pooled paired CI, and the contrasts of the gains between arms that differ in one dtype")
     return ap
 
 
@@ -627,9 +631,73 @@ def write_report(args):
     return summary
 
 
+def arm_gains(folder):
+    """One arm (a miniature folder) of a crossed design: per trained method, its start and trained Avg@k per seed (the
+    start of the unit's own build and sampling seed), their differences, the pooled paired CI against the start, and
+    the per-problem gain (trained minus start, means over seeds) that combine() contrasts between arms."""
+    with open(os.path.join(folder, "summary.json")) as f:
+        summary = json.load(f)
+    recipe = summary["budget"].get("warm_start_recipe") or []
+    starts = start_evals(os.path.join(folder, "runs"))
+    arm = {"folder": os.path.relpath(folder, ROOT), "start_dtype": recipe[recipe.index("--dtype") + 1] if recipe else None,
+           "dtype": summary["budget"]["dtype"], "distill_args": summary["budget"].get("distill_args", ""), "methods": {}}
+    start_of = {(b, s): a for b, v in starts.items() for s, a, _ in v}
+    gains = {}
+    for m, e in summary["methods"].items():
+        if m == "base":
+            continue
+        start = [start_of.get((b, s)) for s, b in zip(e["seeds"], e["start_builds"])]
+        trained = e["per_seed"]["avg_at_k"]
+        ref = start_reference(starts, e["start_builds"])
+        arm["methods"][m] = {"seeds": e["seeds"], "start_avg_at_k": start, "trained_avg_at_k": trained,
+                             "diff_per_seed": [None if a is None else t - a for t, a in zip(trained, start)],
+                             "paired_vs_start": e["paired"].get("base")}
+        if ref is not None:
+            gains[m] = [t - r for t, r in zip(e["per_problem"], ref)]
+    return arm, gains
+
+
+def combine(folders, out):
+    """The crossed design's summary (results/numerics): arm_gains per folder, and for every two arms that differ in
+    exactly one of (start dtype, training dtype), with the same distill flags, the difference of their gains over the
+    start, paired problem by problem (runner.paired): the arm with float32 in that place minus the other."""
+    arms, gains = {}, {}
+    for folder in folders:
+        name = os.path.basename(os.path.normpath(folder))
+        arms[name], gains[name] = arm_gains(folder)
+    contrasts = {}
+    for a, A in arms.items():
+        for b, B in arms.items():
+            differ = [k for k in ("start_dtype", "dtype") if A[k] != B[k]]
+            if len(differ) != 1 or A[differ[0]] != "float32" or A["distill_args"] != B["distill_args"]:
+                continue
+            for m in sorted(set(gains[a]) & set(gains[b])):
+                contrasts[f"{m}: {a} - {b}"] = runner.paired(gains[b][m], gains[a][m])
+    summary = {"arms": arms, "contrasts": contrasts}
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "summary.json"), summary)
+    lines = ["| arm | start | train | method | seeds | start Avg@k | trained Avg@k | per-seed diff | pooled vs start |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    num = lambda xs: ", ".join("-" if x is None else f"{x:.2f}" for x in xs)
+    for name, arm in arms.items():
+        for m, e in arm["methods"].items():
+            lines.append(f"| {name} | {arm['start_dtype']} | {arm['dtype']} | {m} | {len(e['seeds'])} | "
+                         f"{num(e['start_avg_at_k'])} | {num(e['trained_avg_at_k'])} | {num(e['diff_per_seed'])} | "
+                         f"{fmt_paired(e['paired_vs_start'])} |")
+    lines += ["", "Differences of the gains over the start, paired over problems (first arm minus second):", ""]
+    lines += [f"- {k}: {fmt_paired(v)}" for k, v in contrasts.items()] or ["- none (no two arms differ in one dtype)"]
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return summary
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.out = os.path.abspath(args.out)
+    if args.combine:
+        combine([os.path.abspath(f) for f in args.combine], args.out)
+        return
     args.dtype = demo.resolve_dtype(args.dtype)  # measured once: every run of the folder gets the same dtype
     args.start_dtype = args.dtype if args.start_dtype is None else args.start_dtype
     if args.k & (args.k - 1):

@@ -364,3 +364,51 @@ def test_variant_reruns_the_miniature_with_one_flag_changed_and_pairs_within_a_b
     assert rows[0]["vs_start"]["diff"] == pytest.approx(100 * np.mean([0.0, 0.5, 0.0]))
     assert "vs_miniature" not in rows[1] and rows[1]["miniature_build"] == "old"
     assert rows[1]["vs_start"]["diff"] == pytest.approx(100 * np.mean([0.0, 0.0, 0.5]))
+
+
+def test_combine_gives_per_seed_differences_and_contrasts_arms_that_differ_in_one_dtype(tmp_path):
+    """results/numerics: each arm's per-seed trained-minus-start, and the gain of one arm minus another's, paired over
+    problems, only between arms that differ in exactly one dtype."""
+    import numpy as np
+
+    import evaluate
+
+    acc = {  # per arm: the start per seed, then OPSD per seed (4 problems, k = 2)
+        ("bf16_start_bf16_train", "bfloat16", "bfloat16"): ([[0.5, 0.5, 0.0, 1.0], [0.5, 0.0, 0.5, 1.0]],
+                                                            [[0.0, 0.5, 0.0, 1.0], [0.5, 0.0, 0.0, 0.5]]),
+        ("bf16_start_fp32_train", "bfloat16", "float32"): ([[0.5, 0.5, 0.5, 1.0], [0.5, 0.5, 0.5, 1.0]],
+                                                           [[1.0, 0.5, 0.5, 1.0], [1.0, 1.0, 0.5, 1.0]]),
+        ("fp32_start_fp32_train", "float32", "float32"): ([[0.0, 0.0, 0.5, 0.5], [0.0, 0.5, 0.5, 0.5]],
+                                                          [[0.5, 0.0, 0.5, 0.5], [0.0, 0.5, 1.0, 0.5]]),
+    }
+    folders = []
+    for (name, start_dtype, dtype), (starts, trained) in acc.items():
+        args = args_for(tmp_path, "--k", "2", "--model", "reader", "--dtype", dtype, "--start_dtype", start_dtype,
+                        "--out", str(tmp_path / name))
+        runs = os.path.join(args.out, "runs")
+        for seed in (0, 1):
+            for unit, rows in (("base", starts), ("opsd", trained)):
+                folder = os.path.join(runs, unit, f"seed{seed}")
+                fake_report(os.path.join(folder, "eval", "report.json"), 100 * float(np.mean(rows[seed])), 0, 0, 50,
+                            per_problem=rows[seed])
+                miniature.write_json(os.path.join(folder, "start.json"), {"start": "x", "weights_sha256": name})
+        miniature.check_budget(args)
+        miniature.write_report(args)
+        folders.append(args.out)
+    s = miniature.combine(folders, str(tmp_path / "numerics"))
+    e = s["arms"]["bf16_start_fp32_train"]["methods"]["opsd"]
+    assert e["start_avg_at_k"] == [62.5, 62.5] and e["trained_avg_at_k"] == [75.0, 87.5]
+    assert e["diff_per_seed"] == [12.5, 25.0]
+    assert s["arms"]["bf16_start_fp32_train"]["start_dtype"] == "bfloat16"
+    assert s["arms"]["bf16_start_fp32_train"]["dtype"] == "float32"
+    gain = {name: np.mean(t, axis=0) - np.mean(st, axis=0) for (name, _, _), (st, t) in acc.items()}
+    # bf16/bf16 and fp32/fp32 differ in both dtypes: not contrasted
+    assert set(s["contrasts"]) == {"opsd: bf16_start_fp32_train - bf16_start_bf16_train",  # float32 first
+                                   "opsd: fp32_start_fp32_train - bf16_start_fp32_train"}
+    c = s["contrasts"]["opsd: bf16_start_fp32_train - bf16_start_bf16_train"]
+    by_hand = gain["bf16_start_fp32_train"] - gain["bf16_start_bf16_train"]
+    assert c["diff"] == pytest.approx(100 * by_hand.mean()) and c["diff"] == pytest.approx(37.5)
+    _, (lo, hi) = evaluate.paired_bootstrap(list(gain["bf16_start_bf16_train"]), list(gain["bf16_start_fp32_train"]))
+    assert c["ci95"] == pytest.approx([100 * lo, 100 * hi])
+    assert "| bf16_start_fp32_train | bfloat16 | float32 | opsd | 2 | 62.50, 62.50 | 75.00, 87.50 | 12.50, 25.00 |" in \
+        open(tmp_path / "numerics" / "table.md").read()
