@@ -212,12 +212,13 @@ def mean_token_entropy(model, prompt_ids, response_ids, *, batch_size=4, tempera
     Returns (pooled mean over all response tokens, list of per-response means).
     """
     import torch
+    from tqdm import tqdm
 
     import entropy
     import teacher
 
     per_seq, total, count = [], 0.0, 0
-    for b in range(0, len(prompt_ids), batch_size):
+    for b in tqdm(range(0, len(prompt_ids), batch_size), desc="  entropy pass", unit="batch", leave=False):
         p_ids, r_ids = prompt_ids[b:b + batch_size], response_ids[b:b + batch_size]
         keep = [i for i, r in enumerate(r_ids) if len(r) > 0]  # an empty response has no tokens to score
         ent_b = [float("nan")] * len(r_ids)

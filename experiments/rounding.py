@@ -99,7 +99,8 @@ def evaluate_arm(args, model, dtype, seed, folder, env):
         tmp = folder + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        runner.run(miniature.eval_cmd(a, model, seed, "embedded:test", tmp, args.n_problems),
+        # Avg@k only: the entropy pass (a teacher-forced forward over every sample) is skipped
+        runner.run(miniature.eval_cmd(a, model, seed, "embedded:test", tmp, args.n_problems) + ["--no_entropy"],
                    os.path.join(tmp, "eval.log"), env=env, echo=False)
         os.replace(tmp, folder)
     return miniature.bench_result(report)
