@@ -38,8 +38,9 @@ import miniature  # noqa: E402  (experiments/miniature.py)
 import runner  # noqa: E402  (experiments/runner.py)
 import variant  # noqa: E402  (experiments/variant.py: a miniature folder's settings)
 
-ARMS = {"trained_bf16": ("trained", "bfloat16"), "trained_fp32": ("trained", "float32"),
-        "scrambled_bf16": ("scrambled", "bfloat16"), "start_fp32": ("start", "float32")}
+# evaluated in this order (the bf16 pair first: it needs only the miniature's bf16 start)
+ARMS = {"trained_bf16": ("trained", "bfloat16"), "scrambled_bf16": ("scrambled", "bfloat16"),
+        "trained_fp32": ("trained", "float32"), "start_fp32": ("start", "float32")}
 
 
 def bf16_spacing(w):
