@@ -50,21 +50,25 @@ def bf16_spacing(w):
 
 
 def update_stats(start, trained):
-    """The update trained - start against the bf16 grid, over every floating tensor of two state dicts."""
+    """The update d = trained - start against the bf16 grid, over every floating tensor of two state dicts, and the
+    update a bf16 copy sees, e = bf16(trained) - bf16(start): their sizes and the cosine between them."""
     n = moved = changed = 0
-    ratios, sq = [], 0.0
+    ratios, dd, ee, de = [], 0.0, 0.0, 0.0
     for k, w0 in start.items():
         if not w0.is_floating_point():
             continue
         w0, d = w0.float(), trained[k].float() - w0.float()
+        e = (trained[k].bfloat16().float() - w0.bfloat16().float()).double()
         n += w0.numel()
-        sq += float((d.double() ** 2).sum())
+        dd, ee, de = dd + float((d.double() ** 2).sum()), ee + float((e ** 2).sum()), de + float((d.double() * e).sum())
         nz = d != 0
         moved += int(nz.sum())
-        changed += int((trained[k].bfloat16() != w0.bfloat16()).sum())
+        changed += int((e != 0).sum())
         ratios.append((d[nz].abs() / bf16_spacing(w0[nz])).flatten()[::101])  # a sample, for the median
     r = torch.cat(ratios) if ratios else torch.zeros(1)
-    return {"weights": n, "moved": moved / n, "bf16_changed": changed / n, "update_rms": (sq / n) ** 0.5,
+    return {"weights": n, "moved": moved / n, "bf16_changed": changed / n, "update_rms": (dd / n) ** 0.5,
+            "bf16_update_rms": (ee / n) ** 0.5,
+            "cosine_bf16_update_vs_update": de / (dd * ee) ** 0.5 if dd * ee else 0.0,
             "median_update_over_bf16_spacing": float(r.median()) if r.numel() else 0.0}
 
 
@@ -119,7 +123,8 @@ def run_seed(args, method, seed, out, env, keep):
         runner.run(miniature.train_cmd(args, method, seed, args.lr, os.path.join(args.out, "data", "train.jsonl"),
                                        tdir), os.path.join(tdir, "train.log"), env=env, echo=False)
     if not done:
-        s0, s1 = load_file(os.path.join(start, "model.safetensors")), load_file(os.path.join(final, "model.safetensors"))
+        s0 = load_file(os.path.join(start, "model.safetensors"))
+        s1 = load_file(os.path.join(final, "model.safetensors"))
         if not os.path.exists(os.path.join(folder, "update.json")):
             miniature.write_json(os.path.join(folder, "update.json"), update_stats(s0, s1))
         models = {"start": start, "trained": final,

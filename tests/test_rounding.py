@@ -30,6 +30,11 @@ def test_update_stats_count_by_hand():
     assert s["bf16_changed"] == pytest.approx(changed / 4) and changed == 1
     d = trained["a"] - start["a"]
     assert s["update_rms"] == pytest.approx(float((d.double() ** 2).mean() ** 0.5), rel=1e-6)
+    e = trained["a"].bfloat16().double() - start["a"].bfloat16().double()  # one whole spacing, on the third weight
+    assert float(e[2]) == pytest.approx(spacing) and int((e != 0).sum()) == 1
+    assert s["bf16_update_rms"] == pytest.approx(spacing / 2)  # sqrt(spacing**2 / 4)
+    cos = float((d.double() @ e) / (d.double().norm() * e.norm()))
+    assert s["cosine_bf16_update_vs_update"] == pytest.approx(cos, rel=1e-6) and 0 < cos < 1
 
 
 def test_scramble_keeps_every_size_and_draws_signs():
