@@ -19,13 +19,6 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def count(lines):
-    """(WARNING lines, all lines); a progress bar's carriage-return updates count once per line, as a terminal
-    leaves them."""
-    warn = [ln for ln in lines if "WARNING" in ln or "Warning:" in ln]
-    return warn, len(lines)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max", type=int, default=20, help="fail at this many WARNING lines or more")
@@ -41,7 +34,8 @@ def main(argv=None):
             sys.stdout.write(line)
             lines.append(line.rstrip("\n"))
         rc = proc.wait()
-    warn, total = count(lines)
+    # a line with carriage-return progress updates is one line, as a terminal leaves it
+    warn, total = [ln for ln in lines if "WARNING" in ln or "Warning:" in ln], len(lines)
     summary = (f"{' '.join(cmd)}: exit {rc}, {len(warn)} WARNING lines among {total} "
                f"({'under' if len(warn) < args.max else 'not under'} {args.max})")
     print(summary)

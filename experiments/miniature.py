@@ -639,7 +639,7 @@ def arm_gains(folder):
         summary = json.load(f)
     recipe = summary["budget"].get("warm_start_recipe") or []
     starts = start_evals(os.path.join(folder, "runs"))
-    arm = {"folder": os.path.relpath(folder, ROOT), "start_dtype": recipe[recipe.index("--dtype") + 1] if recipe else None,
+    arm = {"folder": os.path.relpath(folder, ROOT), "start_dtype": demo.recipe_value(recipe, "--dtype"),
            "dtype": summary["budget"]["dtype"], "distill_args": summary["budget"].get("distill_args", ""), "methods": {}}
     start_of = {(b, s): a for b, v in starts.items() for s, a, _ in v}
     gains = {}
