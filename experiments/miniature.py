@@ -156,6 +156,9 @@ def build_parser():
     e.add_argument("--n_val", type=int, default=30, help="validation problems held out of the training data")
     e.add_argument("--k", type=int, default=16, help="samples per problem (Pass@k is reported up to this k)")
     e.add_argument("--eval_max_new_tokens", type=int, default=96)
+    e.add_argument("--no_entropy", action="store_true",
+                   help="skip the evaluation's entropy pass (a teacher-forced forward over every sample): Avg@k and "
+                        "Pass@k only, the entropy health column left empty")
     e.add_argument("--eval_rollout", default="vllm", choices=["hf", "vllm"],
                    help="generation backend of evaluate.py (vLLM batches the 120 sequences better)")
     r = ap.add_argument_group("runs")
@@ -278,7 +281,8 @@ def eval_cmd(args, model_path, seed, bench, out_dir, n_problems):
     return [sys.executable, "evaluate.py", "--model", model_path, "--dtype", args.dtype, "--data", bench,
             "--seed", str(seed),
             "--k", str(args.k), "--n_problems", str(n_problems), "--max_new_tokens", str(args.eval_max_new_tokens),
-            "--rollout", args.eval_rollout, "--batch_problems", str(n_problems), "--out", out_dir]
+            "--rollout", args.eval_rollout, "--batch_problems", str(n_problems), "--out", out_dir,
+            *(["--no_entropy"] if args.no_entropy else [])]
 
 
 def weights_fingerprint(model_dir):

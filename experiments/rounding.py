@@ -100,12 +100,11 @@ def evaluate_arm(args, model, dtype, seed, folder, env):
     report = os.path.join(folder, "report.json")
     if not os.path.exists(report):
         a = copy.copy(args)
-        a.dtype = dtype
+        a.dtype, a.no_entropy = dtype, True  # Avg@k only: no entropy pass (a teacher-forced forward per sample)
         tmp = folder + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        # Avg@k only: the entropy pass (a teacher-forced forward over every sample) is skipped
-        runner.run(miniature.eval_cmd(a, model, seed, "embedded:test", tmp, args.n_problems) + ["--no_entropy"],
+        runner.run(miniature.eval_cmd(a, model, seed, "embedded:test", tmp, args.n_problems),
                    os.path.join(tmp, "eval.log"), env=env, echo=False)
         os.replace(tmp, folder)
     return miniature.bench_result(report)

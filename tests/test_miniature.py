@@ -17,6 +17,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
+import evaluate  # noqa: E402
 import miniature  # noqa: E402
 import plumbing  # noqa: E402
 import train  # noqa: E402
@@ -85,6 +86,14 @@ def test_budget_guard_refuses_a_different_budget(tmp_path):
     miniature.check_budget(args_for(tmp_path, "--steps", "8"))  # same budget: fine
     with pytest.raises(SystemExit, match="--steps was 8 now 9"):
         miniature.check_budget(args_for(tmp_path, "--steps", "9"))
+
+
+def test_skipping_the_entropy_pass_reaches_evaluate_and_keeps_the_budget(tmp_path):
+    plain, lean = args_for(tmp_path), args_for(tmp_path, "--no_entropy")
+    assert not evaluate.build_parser().parse_args(miniature.eval_cmd(plain, "m", 0, "b", "o", 5)[2:]).no_entropy
+    assert evaluate.build_parser().parse_args(miniature.eval_cmd(lean, "m", 0, "b", "o", 5)[2:]).no_entropy
+    miniature.check_budget(plain)
+    miniature.check_budget(lean)  # the same folder: only a health column differs, not the comparison
 
 
 def test_validation_slice_is_disjoint_and_mixed(tmp_path):
