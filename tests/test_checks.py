@@ -70,7 +70,9 @@ def test_a_row_beyond_the_context_stops_every_rank_at_once_with_one_message(tmp_
     p = subprocess.run(cmd, cwd=ROOT, env=train_env(2), capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     lines = [l for l in p.stderr.splitlines() if l.startswith("train.py: --data")]
-    assert len(lines) == 2 and lines[0] == lines[1], p.stderr[-4000:]  # each rank, the same line
+    # each rank checks every row itself and exits with the same line; the first to exit makes torchrun SIGTERM the
+    # other, which on busy cores may not have printed yet: one line or two, never two different ones
+    assert 1 <= len(lines) <= 2 and len(set(lines)) == 1, p.stderr[-4000:]
     assert "row 1 (long): its teacher prompt" in lines[0], lines[0]
     assert "beyond the model's context (max_position_embeddings 2048)" in lines[0]
     print(f"both ranks exited in {time.time() - t0:.1f} s")  # within seconds, no collective timeout
