@@ -453,9 +453,10 @@ def summarize(args):
     for m, entry in summary["methods"].items():
         entry["paired"] = {}
         for ref in PAIRED_AGAINST:
-            if ref == m or ref not in summary["methods"]:
+            if ref == m or (ref != "base" and ref not in summary["methods"]):
                 continue
-            if ref == "base":  # each unit against the start model it was trained from (its build)
+            if ref == "base":  # each unit against the start model it was trained from (its build), whether that
+                # start was evaluated as the 'base' unit or only under runs/start_builds/
                 ref_rows = start_reference(starts, entry["start_builds"])
             else:
                 ref_rows = summary["methods"][ref]["per_problem"]
@@ -551,6 +552,10 @@ def table(summary, k):
         lines.append("Each build's start point, Avg@k per evaluation (seed: value): " + "; ".join(
             f"{b}: " + ", ".join(f"{s}: {a:.1f}" for s, a in zip(v["seeds"], v["avg_at_k"]))
             for b, v in sorted(summary["start_points"].items())) + ". 'vs start' pairs each unit with its own build.")
+    elif "base" not in summary["methods"] and summary.get("start_points"):
+        (b, v), = summary["start_points"].items()
+        lines.append(f"\nStart point (build {b}, runs/start_builds/), Avg@k per evaluation (seed: value): "
+                     + ", ".join(f"{s}: {a:.1f}" for s, a in zip(v["seeds"], v["avg_at_k"])) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -305,6 +305,27 @@ def test_vs_start_pairs_each_unit_with_its_own_builds_start_point(tmp_path):
     assert "abc: 0: 37.5; not recorded: 0: 50.0" in table
 
 
+def test_vs_start_without_a_base_unit_pairs_with_the_builds_own_start_evaluation(tmp_path):
+    """A folder that trains no 'base' unit (the controls) still pairs each unit with its build's start point."""
+    args = args_for(tmp_path, "--k", "2", "--methods", "opsd", "teacher_free")
+    runs = os.path.join(args.out, "runs")
+    rows = {("start_builds/abc", 0): [0.5, 0.5, 0.5, 0.0], ("opsd", 0): [0.0, 0.5, 0.0, 0.0],
+            ("teacher_free", 0): [1.0, 0.5, 0.5, 0.5]}
+    for (unit, seed), acc in rows.items():
+        folder = os.path.join(runs, unit, f"seed{seed}")
+        fake_report(os.path.join(folder, "eval", "report.json"), 100 * statistics.mean(acc), 0.0, 0.0, 50,
+                    per_problem=acc)
+        miniature.write_json(os.path.join(folder, "start.json"), {"start": "x", "weights_sha256": "abc"})
+    s = miniature.write_report(args)
+    assert "base" not in s["methods"]
+    assert s["methods"]["opsd"]["paired"]["base"]["diff"] == pytest.approx(-25.0)  # (-0.5, 0, -0.5, 0) / 4
+    assert s["methods"]["teacher_free"]["paired"]["base"]["diff"] == pytest.approx(25.0)  # (0.5, 0, 0, 0.5) / 4
+    assert s["methods"]["teacher_free"]["paired"]["opsd"]["diff"] == pytest.approx(50.0)  # (1, 0, 0.5, 0.5) / 4
+    table = open(os.path.join(args.out, "table.md")).read()
+    assert "| opsd | 1 | 12.5 ± 0.0 | -25.0 [" in table
+    assert "Start point (build abc, runs/start_builds/), Avg@k per evaluation (seed: value): 0: 37.5." in table
+
+
 def test_a_new_build_gets_its_start_point_evaluated_before_training(tmp_path, monkeypatch):
     args = miniature.build_parser().parse_args(["--out", str(tmp_path / "m"), "--methods", "base", "opsd"])
     args.out = str(tmp_path / "m")
