@@ -545,17 +545,14 @@ def table(summary, k):
     for m, e in summary["methods"].items():
         for seed, b in zip(e["seeds"], e.get("start_builds", [None] * len(e["seeds"]))):
             builds.setdefault(b or "not recorded", []).append(f"{m}/seed{seed}")
-    if len(builds) > 1 or len(summary.get("start_points", {})) > 1:
+    if len(builds) > 1 or len(summary.get("start_points", {})) > 1 or \
+            ("base" not in summary["methods"] and summary.get("start_points")):  # no 'base' row: name the start
         # units started from different builds of the start model (see weights_fingerprint)
         lines.append("\nStart-model builds (sha256 of the weights): " + "; ".join(
             f"{b}: {', '.join(units)}" for b, units in sorted(builds.items())) + ".")
         lines.append("Each build's start point, Avg@k per evaluation (seed: value): " + "; ".join(
             f"{b}: " + ", ".join(f"{s}: {a:.1f}" for s, a in zip(v["seeds"], v["avg_at_k"]))
             for b, v in sorted(summary["start_points"].items())) + ". 'vs start' pairs each unit with its own build.")
-    elif "base" not in summary["methods"] and summary.get("start_points"):
-        (b, v), = summary["start_points"].items()
-        lines.append(f"\nStart point (build {b}, runs/start_builds/), Avg@k per evaluation (seed: value): "
-                     + ", ".join(f"{s}: {a:.1f}" for s, a in zip(v["seeds"], v["avg_at_k"])) + ".")
     return "\n".join(lines) + "\n"
 
 

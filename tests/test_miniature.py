@@ -323,7 +323,7 @@ def test_vs_start_without_a_base_unit_pairs_with_the_builds_own_start_evaluation
     assert s["methods"]["teacher_free"]["paired"]["opsd"]["diff"] == pytest.approx(50.0)  # (1, 0, 0.5, 0.5) / 4
     table = open(os.path.join(args.out, "table.md")).read()
     assert "| opsd | 1 | 12.5 ± 0.0 | -25.0 [" in table
-    assert "Start point (build abc, runs/start_builds/), Avg@k per evaluation (seed: value): 0: 37.5." in table
+    assert "Each build's start point, Avg@k per evaluation (seed: value): abc: 0: 37.5." in table
 
 
 def test_a_new_build_gets_its_start_point_evaluated_before_training(tmp_path, monkeypatch):
