@@ -664,9 +664,11 @@ def arm_gains(folder):
 
 
 def combine(folders, out):
-    """The crossed design's summary (results/numerics): arm_gains per folder, and for every two arms that differ in
-    exactly one of (start dtype, training dtype), with the same distill flags, the difference of their gains over the
-    start, paired problem by problem (runner.paired): the arm with float32 in that place minus the other."""
+    """The crossed design's summary (results/numerics): arm_gains per folder, and the difference of two arms' gains over
+    the start, paired problem by problem (runner.paired), for every two arms that differ in exactly one of (start dtype,
+    training dtype) with the same distill flags (the arm with float32 in that place minus the other), and for every two
+    arms with the same dtypes whose distill flags differ by added flags (the arm with the added flags minus the other:
+    masked OPSD minus plain)."""
     arms, gains = {}, {}
     for folder in folders:
         name = os.path.basename(os.path.normpath(folder))
@@ -675,7 +677,9 @@ def combine(folders, out):
     for a, A in arms.items():
         for b, B in arms.items():
             differ = [k for k in ("start_dtype", "dtype") if A[k] != B[k]]
-            if len(differ) != 1 or A[differ[0]] != "float32" or A["distill_args"] != B["distill_args"]:
+            one_dtype = len(differ) == 1 and A[differ[0]] == "float32" and A["distill_args"] == B["distill_args"]
+            added_flags = not differ and set(A["distill_args"].split()) > set(B["distill_args"].split())
+            if not (one_dtype or added_flags):
                 continue
             for m in sorted(set(gains[a]) & set(gains[b])):
                 contrasts[f"{m}: {a} - {b}"] = runner.paired(gains[b][m], gains[a][m])

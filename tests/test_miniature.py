@@ -398,7 +398,7 @@ def test_variant_reruns_the_miniature_with_one_flag_changed_and_pairs_within_a_b
 
 def test_combine_gives_per_seed_differences_and_contrasts_arms_that_differ_in_one_dtype(tmp_path):
     """results/numerics: each arm's per-seed trained-minus-start, and the gain of one arm minus another's, paired over
-    problems, only between arms that differ in exactly one dtype."""
+    problems, only between arms that differ in exactly one dtype, or in added distill flags (masked minus plain)."""
     import numpy as np
 
     import evaluate
@@ -410,11 +410,14 @@ def test_combine_gives_per_seed_differences_and_contrasts_arms_that_differ_in_on
                                                            [[1.0, 0.5, 0.5, 1.0], [1.0, 1.0, 0.5, 1.0]]),
         ("fp32_start_fp32_train", "float32", "float32"): ([[0.0, 0.0, 0.5, 0.5], [0.0, 0.5, 0.5, 0.5]],
                                                           [[0.5, 0.0, 0.5, 0.5], [0.0, 0.5, 1.0, 0.5]]),
+        ("bf16_start_bf16_train_plain", "bfloat16", "bfloat16"): ([[0.5, 0.5, 0.0, 1.0], [0.5, 0.0, 0.5, 1.0]],
+                                                                  [[0.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 0.5]]),
     }
     folders = []
     for (name, start_dtype, dtype), (starts, trained) in acc.items():
+        flags = "--clip none" if name.endswith("_plain") else "--distill_mask_answer true --clip none"
         args = args_for(tmp_path, "--k", "2", "--model", "reader", "--dtype", dtype, "--start_dtype", start_dtype,
-                        "--out", str(tmp_path / name))
+                        "--distill_args", flags, "--out", str(tmp_path / name))
         runs = os.path.join(args.out, "runs")
         for seed in (0, 1):
             for unit, rows in (("base", starts), ("opsd", trained)):
@@ -432,9 +435,13 @@ def test_combine_gives_per_seed_differences_and_contrasts_arms_that_differ_in_on
     assert s["arms"]["bf16_start_fp32_train"]["start_dtype"] == "bfloat16"
     assert s["arms"]["bf16_start_fp32_train"]["dtype"] == "float32"
     gain = {name: np.mean(t, axis=0) - np.mean(st, axis=0) for (name, _, _), (st, t) in acc.items()}
-    # bf16/bf16 and fp32/fp32 differ in both dtypes: not contrasted
+    # bf16/bf16 and fp32/fp32 differ in both dtypes, plain bf16/bf16 in a dtype and the flags: not contrasted
     assert set(s["contrasts"]) == {"opsd: bf16_start_fp32_train - bf16_start_bf16_train",  # float32 first
-                                   "opsd: fp32_start_fp32_train - bf16_start_fp32_train"}
+                                   "opsd: fp32_start_fp32_train - bf16_start_fp32_train",
+                                   "opsd: bf16_start_bf16_train - bf16_start_bf16_train_plain"}  # masked first
+    masked = s["contrasts"]["opsd: bf16_start_bf16_train - bf16_start_bf16_train_plain"]
+    by_hand = gain["bf16_start_bf16_train"] - gain["bf16_start_bf16_train_plain"]  # same starts: trained minus trained
+    assert masked["diff"] == pytest.approx(100 * by_hand.mean()) and masked["diff"] == pytest.approx(18.75)
     c = s["contrasts"]["opsd: bf16_start_fp32_train - bf16_start_bf16_train"]
     by_hand = gain["bf16_start_fp32_train"] - gain["bf16_start_bf16_train"]
     assert c["diff"] == pytest.approx(100 * by_hand.mean()) and c["diff"] == pytest.approx(37.5)
